@@ -1,0 +1,18 @@
+"""MVTec Caption: image–mask–text triples for MVTec AD and MVTec LOCO as a Hugging Face dataset."""
+
+from .builder import MVTecCaption, MVTecCaptionConfig
+from .captions import read_captions
+from .errors import MVTecCaptionError
+from .export import check_export, export_dataset, push_to_hub
+from .sample_tree import make_sample_tree
+
+__all__ = [
+    "MVTecCaption",
+    "MVTecCaptionConfig",
+    "MVTecCaptionError",
+    "check_export",
+    "export_dataset",
+    "make_sample_tree",
+    "push_to_hub",
+    "read_captions",
+]

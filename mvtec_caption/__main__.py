@@ -1,0 +1,6 @@
+"""`python -m mvtec_caption build|check|push ...`."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
