@@ -1,0 +1,21 @@
+"""AnomalyXFusion: multi-modal industrial anomaly synthesis with diffusion.
+
+The custom classes are importable from this top-level module because diffusers records
+``["axf_pipeline", "<ClassName>"]`` in a saved pipeline's ``model_index.json``: these names are
+public and must stay stable.
+"""
+
+from .models import DynamicDifFusion, MultiModalInFusion
+
+__all__ = ["AnomalyXFusionPipeline", "AnomalyXFusionPipelineOutput", "DynamicDifFusion", "MultiModalInFusion"]
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The pipeline pulls in transformers; import it on first use so `axf_pipeline.models` stays light.
+    if name in ("AnomalyXFusionPipeline", "AnomalyXFusionPipelineOutput"):
+        from . import pipeline_anomaly_x_fusion as module
+
+        return getattr(module, name)
+    raise AttributeError(f"module 'axf_pipeline' has no attribute {name!r}")

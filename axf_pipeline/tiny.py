@@ -1,0 +1,178 @@
+"""Tiny AnomalyXFusion components built from configs: the one place tests, the demo and the
+benchmarks get a model from when no pretrained weights can be downloaded.
+
+Everything here is randomly initialised; a tiny VAE and UNet learn only when trained from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+BYTE_TOKENS_NOTE = "every printable ASCII character, alone and as a word end (</w>)"
+
+
+def write_tiny_clip_tokenizer(
+    folder: str | Path, words: Iterable[str] = (), model_max_length: int = 32
+) -> Path:
+    """Writes a CLIP BPE tokenizer (vocab.json + merges.txt) whose vocabulary is generated here:
+    {BYTE_TOKENS_NOTE}, plus whole-word tokens for ``words`` (built by left-to-right merges)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = [chr(c) for c in range(33, 127)]
+    vocab: dict[str, int] = {}
+    for tok in ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]:
+        vocab.setdefault(tok, len(vocab))
+    merges: list[str] = []
+    for word in sorted({w.lower() for w in words}):
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        left = symbols[0]
+        for right in symbols[1:]:
+            merge = f"{left} {right}"
+            if merge not in merges:
+                merges.append(merge)
+            left = left + right
+            vocab.setdefault(left, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + ("\n" if merges else ""))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": model_max_length, "pad_token": "<|endoftext|>"})
+    )
+    return folder
+
+
+def tiny_clip_tokenizer(words: Iterable[str] = (), model_max_length: int = 32):
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_clip_tokenizer(tmp, words, model_max_length)
+        return CLIPTokenizer.from_pretrained(tmp)
+
+
+def build_tiny_components(
+    *,
+    unet_in_channels: int = 4,
+    sample_size: int = 32,
+    cross_attention_dim: int = 32,
+    block_out_channels: tuple[int, ...] = (32, 64),
+    vae_block_out_channels: tuple[int, ...] = (32, 64),
+    latent_channels: int = 4,
+    norm_num_groups: int = 8,
+    num_tokens: int = 2,
+    words: Iterable[str] = (),
+    model_max_length: int = 32,
+    use_semantic: bool = True,
+    use_aggregator: bool = True,
+    use_ddf: bool = True,
+    scheduler: str = "ddim",
+    seed: int = 0,
+) -> dict:
+    """All components of an :class:`AnomalyXFusionPipeline`, tiny and seeded.
+
+    ``sample_size`` is the image size in pixels; the VAE downsamples by ``2 ** (len(vae_block_out_channels) - 1)``.
+    ``unet_in_channels`` is 4 (blended sampling) or 9 (inpainting UNet).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    from .models import DynamicDifFusion, MultiModalInFusion
+
+    if unet_in_channels not in (4, 9) and unet_in_channels != latent_channels:
+        raise ValueError(f"unet_in_channels must be {latent_channels} or {2 * latent_channels + 1}")
+    vae_scale = 2 ** (len(vae_block_out_channels) - 1)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size // vae_scale,
+        in_channels=unet_in_channels,
+        out_channels=latent_channels,
+        block_out_channels=block_out_channels,
+        layers_per_block=1,
+        norm_num_groups=norm_num_groups,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(block_out_channels) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(block_out_channels) - 1) + ("UpBlock2D",),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=vae_block_out_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_block_out_channels),
+        latent_channels=latent_channels,
+        norm_num_groups=norm_num_groups,
+        sample_size=sample_size,
+    )
+    tokenizer = tiny_clip_tokenizer(words, model_max_length)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cross_attention_dim,
+            intermediate_size=2 * cross_attention_dim,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    image_size = 32
+    torch.manual_seed(seed)
+    image_encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            projection_dim=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=8,
+        )
+    )
+    feature_extractor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    torch.manual_seed(seed)
+    mif = MultiModalInFusion(
+        cross_attention_dim=cross_attention_dim,
+        text_embed_dim=text_encoder.config.hidden_size,
+        image_embed_dim=image_encoder.config.projection_dim,
+        num_tokens=num_tokens,
+        mask_size=32,
+        mask_encoder_channels=(8, 16, 32),
+        mask_grid_size=4,
+        num_attention_heads=4,
+        use_semantic=use_semantic,
+        use_aggregator=use_aggregator,
+    )
+    ddf = DynamicDifFusion(cross_attention_dim=cross_attention_dim, timestep_channels=32) if use_ddf else None
+    sched_kwargs = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False)
+    sched = (
+        DDIMScheduler(**sched_kwargs, set_alpha_to_one=False)
+        if scheduler == "ddim"
+        else DDPMScheduler(**sched_kwargs)
+    )
+    return {
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "image_encoder": image_encoder,
+        "feature_extractor": feature_extractor,
+        "unet": unet,
+        "scheduler": sched,
+        "mif": mif,
+        "ddf": ddf,
+    }
