@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="load an export with load_dataset and print its counts")
     check.add_argument("output", type=Path, nargs="?", default=DEFAULT_OUTPUT)
+    check.add_argument("--cache-dir", type=Path, help="datasets cache for the check's load_dataset")
 
     push = commands.add_parser("push", help="upload an export folder to the Hub as a dataset repo")
     push.add_argument("output", type=Path, nargs="?", default=DEFAULT_OUTPUT)
@@ -114,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "build":
             _build(args)
         elif args.command == "check":
-            check_export(args.output)
+            check_export(args.output, cache_dir=args.cache_dir)
             print(f"{args.output} loads with load_dataset:")
             _print_summary(args.output)
         elif args.command == "push":
