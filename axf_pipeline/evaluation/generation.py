@@ -1,0 +1,338 @@
+"""Generation metrics of the paper's tables 1–2: Inception Score and IC-LPIPS.
+
+* Inception Score follows torch-fidelity's protocol exactly: its TF-compatible InceptionV3 on the full
+  images (resized to 299 inside the extractor), ``logits_unbiased``, 10 splits, samples shuffled with
+  ``numpy.random.RandomState(2020)``; the score itself is torch-fidelity's ``isc_features_to_metric``.
+* IC-LPIPS (intra-cluster pairwise LPIPS, DFMGAN / AnomalyDiffusion): LPIPS v0.1 from the ``lpips``
+  package on 256×256 images scaled to [-1, 1], the same for generated images and centres.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .images import resize_rgb, to_rgb_uint8
+from .weights import load_backbone_state_dict
+
+__all__ = [
+    "ICLPIPSResult",
+    "InceptionScoreResult",
+    "build_lpips",
+    "ic_lpips",
+    "inception_score",
+]
+
+NOT_REAL_LABEL = "NOT A REAL SCORE (random backbone or injected distance)"
+
+
+def _tqdm(iterable, progress: bool, **kwargs):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=not progress, **kwargs)
+
+
+# ----------------------------------------------------------------------------- Inception Score
+
+
+@dataclass
+class InceptionScoreResult:
+    mean: float
+    std: float
+    n_images: int
+    splits: int
+    real_score: bool
+    backbone: str
+
+    @property
+    def label(self) -> str:
+        return "inception score" if self.real_score else NOT_REAL_LABEL
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "label": self.label}
+
+
+def _inception_extractor(weights, random_backbone: bool):
+    """torch-fidelity's InceptionV3 with a state dict we read (safetensors / hub cache) or random weights."""
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class _InceptionV3(FeatureExtractorInceptionV3):
+        # torch-fidelity reads its weights with an unrestricted torch.load of a path or buffer it is given;
+        # we hand it an empty buffer, keep the random init, and load the tensors we read ourselves.
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            if not state_dict:
+                return None
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    if random_backbone:
+        state_dict, source = None, "random InceptionV3"
+    else:
+        state_dict, source = load_backbone_state_dict("inception", weights)
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    model = _InceptionV3("inception-v3-compat", ["logits_unbiased"], feature_extractor_weights_path=empty)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    return model.eval(), source
+
+
+def inception_score(
+    images: Sequence,
+    *,
+    weights=None,
+    splits: int = 10,
+    seed: int = 2020,
+    batch_size: int = 32,
+    device: str = "cpu",
+    random_backbone: bool = False,
+    progress: bool = True,
+) -> InceptionScoreResult:
+    """Inception Score of ``images`` (paths, PIL images, arrays or tensors) by torch-fidelity's protocol.
+
+    Args:
+        weights: a ``.safetensors`` copy of ``weights-inception-2015-12-05-6726825d.pth``; by default that
+            file is read from the torch hub cache. Nothing is downloaded.
+        splits, seed: torch-fidelity's ``isc_splits`` (10) and ``rng_seed`` (2020) for the shuffle.
+        random_backbone: for tests only; the result then has ``real_score=False``.
+    """
+    import torch
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+
+    images = list(images)
+    if not images:
+        raise ValueError("inception_score: the generated image set is empty.")
+    if len(images) < splits:
+        raise ValueError(
+            f"inception_score: {len(images)} images cannot fill {splits} splits; pass more images."
+        )
+    model, source = _inception_extractor(weights, random_backbone)
+    model.to(device)
+    logits = []
+    batch: list[np.ndarray] = []
+
+    def flush():
+        if batch:
+            x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).to(device)
+            with torch.no_grad():
+                logits.append(model(x)[0].double().cpu())
+            batch.clear()
+
+    for i, image in enumerate(_tqdm(images, progress, desc="Inception Score")):
+        rgb = to_rgb_uint8(image, name=f"images[{i}]")
+        if batch and (rgb.shape != batch[0].shape or len(batch) == batch_size):
+            flush()  # the extractor resizes each batch to 299; batch only same-sized full images
+        batch.append(rgb)
+    flush()
+    out = isc_features_to_metric(torch.cat(logits), splits=splits, shuffle=True, rng_seed=seed)
+    if random_backbone:
+        warnings.warn(f"inception_score: {NOT_REAL_LABEL}", stacklevel=2)
+    return InceptionScoreResult(
+        mean=out[KEY_METRIC_ISC_MEAN],
+        std=out[KEY_METRIC_ISC_STD],
+        n_images=len(images),
+        splits=splits,
+        real_score=not random_backbone,
+        backbone=source,
+    )
+
+
+# ----------------------------------------------------------------------------- IC-LPIPS
+
+_LPIPS_BACKBONE = {"vgg": "vgg16", "alex": "alexnet"}
+
+
+def build_lpips(net: str = "vgg", weights=None, random_backbone: bool = False):
+    """``lpips.LPIPS`` v0.1 with its shipped linear layers and a backbone read offline (see weights.py)."""
+    import lpips
+
+    if net not in _LPIPS_BACKBONE:
+        raise ValueError(f"lpips net {net!r} is not supported; choose one of {sorted(_LPIPS_BACKBONE)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's deprecation notice for `pretrained=False`
+        model = lpips.LPIPS(net=net, version="0.1", pnet_rand=True, verbose=False)
+    source = f"random {net}"
+    if not random_backbone:
+        state_dict, source = load_backbone_state_dict(_LPIPS_BACKBONE[net], weights)
+        features = {
+            k.removeprefix("features."): v for k, v in state_dict.items() if not k.startswith("classifier.")
+        }
+        # lpips splits torchvision's `features` into slices that keep the layer indices: sliceK.<i>.<param>
+        target = {}
+        for key in model.net.state_dict():
+            _, index, param = key.split(".")
+            if f"{index}.{param}" not in features:
+                raise ValueError(
+                    f"{source} has no tensor features.{index}.{param}; is it a torchvision {net}?"
+                )
+            target[key] = features[f"{index}.{param}"]
+        model.net.load_state_dict(target)
+    return model.eval().requires_grad_(False), source
+
+
+@dataclass
+class ICLPIPSResult:
+    """Category score (mean over defect types), per-defect-type scores and every cluster's details."""
+
+    score: float
+    per_defect_type: dict[str, float | None]
+    clusters: dict[str, list[dict]] = field(repr=False)
+    real_score: bool = True
+    backbone: str = "vgg16"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return "IC-LPIPS" if self.real_score else NOT_REAL_LABEL
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "label": self.label}
+
+
+def _as_groups(images, what: str) -> dict[str, list]:
+    if isinstance(images, Mapping):
+        return {str(k): list(v) for k, v in images.items()}
+    return {"all": list(images)}
+
+
+def _lpips_tensor(images: list, resolution: int, what: str) -> np.ndarray:
+    """(N, H, W, 3) uint8 at resolution × resolution; scaled to [-1, 1] per batch in `_pair_distances`."""
+    return np.stack(
+        [resize_rgb(to_rgb_uint8(im, name=f"{what}[{i}]"), resolution) for i, im in enumerate(images)]
+    )
+
+
+def _pair_distances(distance, a: np.ndarray, b: np.ndarray, pairs: np.ndarray, batch_size: int, device: str):
+    import torch
+
+    out = np.empty(len(pairs), dtype=np.float64)
+    for start in range(0, len(pairs), batch_size):
+        idx = pairs[start : start + batch_size]
+        xa = torch.from_numpy(a[idx[:, 0]]).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+        xb = torch.from_numpy(b[idx[:, 1]]).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+        with torch.no_grad():
+            out[start : start + len(idx)] = distance(xa, xb).reshape(len(idx)).double().cpu().numpy()
+    return out
+
+
+def ic_lpips(
+    generated,
+    centres,
+    *,
+    net: str = "vgg",
+    weights=None,
+    max_cluster_size: int | None = 50,
+    min_cluster_size: int = 2,
+    small_clusters: str = "skip",
+    seed: int = 0,
+    resolution: int = 256,
+    batch_size: int = 16,
+    device: str = "cpu",
+    random_backbone: bool = False,
+    distance: Callable | None = None,
+    progress: bool = True,
+) -> ICLPIPSResult:
+    """Intra-cluster pairwise LPIPS of generated anomalies around real ones (diversity, higher = more diverse).
+
+    Args:
+        generated: images of one defect type, or ``{defect_type: images}`` for a category.
+        centres: the real anomalies of the generator fold, same structure (a dict needs every defect type
+            of ``generated``).
+        max_cluster_size: each cluster keeps at most this many members, a seeded random sample (None: all).
+        min_cluster_size, small_clusters: clusters with fewer members are left out (``"skip"``) or count
+            as 0 (``"zero"``).
+        weights: ``.safetensors`` copy of torchvision's VGG-16 (or AlexNet) weights; by default the torch
+            hub cache file (see :mod:`axf_pipeline.evaluation.weights`).
+        distance: replace LPIPS by ``distance(a, b) -> (B,)`` on [-1, 1] batches (tests); the result is
+            then marked not a real score, as with ``random_backbone``.
+    """
+    if small_clusters not in ("skip", "zero"):
+        raise ValueError(f"small_clusters must be 'skip' or 'zero'; got {small_clusters!r}")
+    if min_cluster_size < 2:
+        raise ValueError("min_cluster_size must be at least 2: a cluster needs a pair to score.")
+    if max_cluster_size is not None and max_cluster_size < min_cluster_size:
+        raise ValueError(
+            f"max_cluster_size ({max_cluster_size}) is below min_cluster_size ({min_cluster_size})."
+        )
+    gen_groups = _as_groups(generated, "generated")
+    centre_groups = _as_groups(centres, "centres")
+    if not gen_groups or all(len(v) == 0 for v in gen_groups.values()):
+        raise ValueError("ic_lpips: the generated image set is empty.")
+    for dt, images in gen_groups.items():
+        if not images:
+            raise ValueError(f"ic_lpips: no generated images for defect type {dt!r}.")
+        if dt not in centre_groups or not centre_groups[dt]:
+            raise ValueError(
+                f"ic_lpips: no centres for defect type {dt!r}: pass the real anomalies of its generator fold "
+                f"(centres have defect types {sorted(centre_groups)})."
+            )
+    real = distance is None and not random_backbone
+    if distance is None:
+        model, backbone = build_lpips(net, weights, random_backbone)
+        model.to(device)
+
+        def distance(a, b):
+            return model(a, b)
+
+    else:
+        backbone = "injected distance"
+
+    per_type: dict[str, float | None] = {}
+    clusters: dict[str, list[dict]] = {}
+    notes: list[str] = []
+    for dt in _tqdm(sorted(gen_groups), progress, desc="IC-LPIPS"):
+        gen = _lpips_tensor(gen_groups[dt], resolution, f"generated[{dt!r}]")
+        cen = _lpips_tensor(centre_groups[dt], resolution, f"centres[{dt!r}]")
+        pairs = np.stack(np.meshgrid(np.arange(len(gen)), np.arange(len(cen)), indexing="ij"), -1).reshape(
+            -1, 2
+        )
+        d = _pair_distances(distance, gen, cen, pairs, batch_size, device).reshape(len(gen), len(cen))
+        nearest = d.argmin(axis=1)  # ties go to the lower centre index
+        rows, scores = [], []
+        for c in range(len(cen)):
+            members = np.flatnonzero(nearest == c)
+            size = len(members)
+            if max_cluster_size is not None and size > max_cluster_size:
+                rng = np.random.default_rng([seed, zlib.crc32(dt.encode()), c])
+                members = np.sort(rng.choice(members, max_cluster_size, replace=False))
+            row = {"centre": c, "size": size, "used": len(members), "score": None}
+            if len(members) < min_cluster_size:
+                if small_clusters == "zero":
+                    row["score"] = 0.0
+                    scores.append(0.0)
+            else:
+                iu, ju = np.triu_indices(len(members), k=1)
+                pair_idx = np.stack([members[iu], members[ju]], -1)
+                row["score"] = float(_pair_distances(distance, gen, gen, pair_idx, batch_size, device).mean())
+                scores.append(row["score"])
+            rows.append(row)
+        clusters[dt] = rows
+        per_type[dt] = float(np.mean(scores)) if scores else None
+        if not scores:
+            notes.append(
+                f"defect type {dt!r}: no cluster has {min_cluster_size}+ members; left out of the mean."
+            )
+    scored = [v for v in per_type.values() if v is not None]
+    if not scored:
+        raise ValueError(
+            "ic_lpips: no cluster of any defect type has at least "
+            f"{min_cluster_size} members (cluster sizes: "
+            + "; ".join(f"{dt}: {[r['size'] for r in rows]}" for dt, rows in clusters.items())
+            + "); generate more images per defect type."
+        )
+    if not real:
+        warnings.warn(f"ic_lpips: {NOT_REAL_LABEL}", stacklevel=2)
+    return ICLPIPSResult(
+        score=float(np.mean(scored)),
+        per_defect_type=per_type,
+        clusters=clusters,
+        real_score=real,
+        backbone=backbone,
+        notes=notes,
+    )
