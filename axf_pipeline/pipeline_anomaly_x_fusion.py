@@ -1,0 +1,835 @@
+"""AnomalyXFusionPipeline: paint a described defect into a normal image where a mask says (paper §4).
+
+The module path ``axf_pipeline.pipeline_anomaly_x_fusion`` and the class names are public: saved
+pipelines record ``["axf_pipeline", "<Class>"]`` in ``model_index.json``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.models import AutoencoderKL, UNet2DConditionModel
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, StableDiffusionMixin
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+
+from . import image_processing as ip
+from .conditioning import cross_attention_states, encode_reference, encode_text, x_embedding
+from .models import DynamicDifFusion, MultiModalInFusion
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> from PIL import Image
+        >>> from axf_pipeline import AnomalyXFusionPipeline
+
+        >>> pipe = AnomalyXFusionPipeline.from_pretrained("path/or/hub-id-of-a-trained-pipeline")
+        >>> out = pipe(
+        ...     prompt="a long thin scratch across the metal surface",
+        ...     image=Image.open("good/000.png"),
+        ...     mask_image=Image.open("masks/000.png"),
+        ...     reference_image=Image.open("test/scratch/003.png"),
+        ...     reference_mask=Image.open("ground_truth/scratch/003_mask.png"),
+        ...     padding_mask_crop=32,
+        ... )
+        >>> out.images[0].save("synthetic.png"); out.masks[0].save("synthetic_mask.png")
+        ```
+"""
+
+
+@dataclass
+class AnomalyXFusionPipelineOutput(BaseOutput):
+    """``images``: the synthesised anomalies, at each input image's own size, equal to the input outside
+    the mask. ``masks``: the binary masks they were made with (the pair a detector trains on); for
+    ``output_type="latent"``, the latent-resolution masks.
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    masks: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+
+def _vae_latents(encoder_output) -> torch.Tensor:
+    # The known image is encoded to its posterior mean: deterministic, no generator draw.
+    if hasattr(encoder_output, "latent_dist"):
+        return encoder_output.latent_dist.mode()
+    if hasattr(encoder_output, "latents"):
+        return encoder_output.latents
+    raise AttributeError("could not read latents from the VAE encoder output")
+
+
+class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusionLoraLoaderMixin):
+    r"""Multi-modal anomaly synthesis: text, mask and a reference defect steer a Stable Diffusion UNet.
+
+    Each denoising step conditions the UNet's cross-attention on ``concat(prompt tokens, e_t)`` with
+    ``e_t = DDF(e_X, t)`` and ``e_X = MIF(mask, pooled text, CLIP image of reference ⊙ reference mask)``.
+    With a 4-channel UNet, the latents are blended with the noised original outside the mask at every
+    step (eq. 16); a 9-channel inpainting UNet additionally sees the mask and the masked-image latents.
+    After decoding, the input pixels are put back outside the mask, so the result equals the input
+    there exactly, at the input's own size.
+
+    Components: ``vae``, ``text_encoder``, ``tokenizer``, ``unet``, ``scheduler``, ``mif``
+    (:class:`MultiModalInFusion`), optional ``ddf`` (:class:`DynamicDifFusion`; ``None`` ablates DDF),
+    optional ``image_encoder`` (CLIP vision with projection) and ``feature_extractor``.
+    """
+
+    model_cpu_offload_seq = "text_encoder->image_encoder->mif->ddf->unet->vae"
+    _optional_components = ["ddf", "image_encoder", "feature_extractor"]
+    _callback_tensor_inputs = [
+        "latents",
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "x_embeds",
+        "mask",
+        "masked_image_latents",
+    ]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        mif: MultiModalInFusion,
+        ddf: DynamicDifFusion | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
+    ):
+        super().__init__()
+        if unet is not None and unet.config.in_channels not in (4, 9):
+            raise ValueError(
+                f"unet must have 4 (blended sampling) or 9 (inpainting) input channels, not {unet.config.in_channels}"
+            )
+        if image_encoder is not None and feature_extractor is None:
+            raise ValueError("an image_encoder needs its feature_extractor (a CLIPImageProcessor)")
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            mif=mif,
+            ddf=ddf,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+        )
+        self.vae_scale_factor = (
+            2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
+        )
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.mask_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor,
+            do_normalize=False,
+            do_binarize=True,
+            do_convert_grayscale=True,
+        )
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """diffusers' loader, safetensors only (no pickle weights are ever read)."""
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError(
+                "AnomalyXFusionPipeline loads safetensors weights only (use_safetensors=False refused)"
+            )
+        kwargs["use_safetensors"] = True
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_base(
+        cls,
+        base: str | os.PathLike | DiffusionPipeline,
+        image_encoder: str | os.PathLike | CLIPVisionModelWithProjection | None = None,
+        *,
+        feature_extractor: CLIPImageProcessor | None = None,
+        image_encoder_subfolder: str | None = None,
+        scheduler=None,
+        num_tokens: int = 4,
+        use_semantic: bool = True,
+        use_aggregator: bool = True,
+        use_ddf: bool = True,
+        mif_kwargs: dict | None = None,
+        ddf_kwargs: dict | None = None,
+        torch_dtype: torch.dtype | None = None,
+        **load_kwargs,
+    ) -> AnomalyXFusionPipeline:
+        """Assemble a pipeline from a Stable Diffusion checkpoint and a CLIP vision encoder, with fresh
+        (untrained) ``mif`` and ``ddf`` sized from the UNet. Training starts from this.
+
+        Args:
+            base: Hub id or folder of a Stable Diffusion checkpoint (plain or inpainting, diffusers layout),
+                or an already loaded ``StableDiffusion(Inpaint)Pipeline``.
+            image_encoder: Hub id or folder of a ``CLIPVisionModelWithProjection`` (or the model itself);
+                ``None`` builds a pipeline without the textural branch.
+            feature_extractor: its ``CLIPImageProcessor``; read from the encoder's folder when omitted
+                (or built from its ``image_size`` when the folder has none).
+            scheduler: replaces the checkpoint's scheduler.
+            num_tokens: ``k``, tokens per modality in the X-embedding.
+            use_semantic, use_aggregator, use_ddf: the ablation switches of paper table 6.
+            mif_kwargs, ddf_kwargs: further ``MultiModalInFusion`` / ``DynamicDifFusion`` config values.
+            torch_dtype: dtype for every component.
+            load_kwargs: passed to every ``from_pretrained`` (``revision``, ``cache_dir``, ``token``,
+                ``local_files_only``, ``variant`` ...). Weights load from safetensors only.
+        """
+        import diffusers
+
+        if isinstance(base, DiffusionPipeline):
+            parts = base.components
+            vae, unet = parts["vae"], parts["unet"]
+            text_encoder, tokenizer = parts["text_encoder"], parts["tokenizer"]
+            scheduler = scheduler if scheduler is not None else parts["scheduler"]
+        else:
+            variant = load_kwargs.pop("variant", None)
+            common = dict(load_kwargs)
+            vae = AutoencoderKL.from_pretrained(
+                base,
+                subfolder="vae",
+                use_safetensors=True,
+                torch_dtype=torch_dtype,
+                variant=variant,
+                **common,
+            )
+            unet = UNet2DConditionModel.from_pretrained(
+                base,
+                subfolder="unet",
+                use_safetensors=True,
+                torch_dtype=torch_dtype,
+                variant=variant,
+                **common,
+            )
+            text_encoder = CLIPTextModel.from_pretrained(
+                base,
+                subfolder="text_encoder",
+                use_safetensors=True,
+                dtype=torch_dtype,
+                variant=variant,
+                **common,
+            )
+            tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **common)
+            if scheduler is None:
+                config = diffusers.DDIMScheduler.load_config(base, subfolder="scheduler", **common)
+                scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
+            load_kwargs = dict(common, variant=variant)
+
+        if isinstance(image_encoder, (str, os.PathLike)):
+            source = image_encoder
+            sub = {"subfolder": image_encoder_subfolder} if image_encoder_subfolder else {}
+            common = {k: v for k, v in load_kwargs.items() if k != "variant"}
+            image_encoder = CLIPVisionModelWithProjection.from_pretrained(
+                source, use_safetensors=True, dtype=torch_dtype, **sub, **common
+            )
+            if feature_extractor is None:
+                try:
+                    feature_extractor = CLIPImageProcessor.from_pretrained(source, **sub, **common)
+                except (OSError, ValueError):
+                    feature_extractor = None
+        if image_encoder is not None and feature_extractor is None:
+            size = image_encoder.config.image_size
+            feature_extractor = CLIPImageProcessor(
+                size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+            )
+
+        d = unet.config.cross_attention_dim
+        if not isinstance(d, int):
+            raise ValueError(f"unet.config.cross_attention_dim must be a single int, got {d!r}")
+        mif = MultiModalInFusion(
+            cross_attention_dim=d,
+            text_embed_dim=text_encoder.config.hidden_size,
+            image_embed_dim=image_encoder.config.projection_dim if image_encoder is not None else d,
+            num_tokens=num_tokens,
+            use_semantic=use_semantic,
+            use_aggregator=use_aggregator,
+            **(mif_kwargs or {}),
+        )
+        ddf = DynamicDifFusion(cross_attention_dim=d, **(ddf_kwargs or {})) if use_ddf else None
+        if torch_dtype is not None:
+            mif.to(torch_dtype)
+            if ddf is not None:
+                ddf.to(torch_dtype)
+        return cls(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            mif=mif,
+            ddf=ddf,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+        )
+
+    # ------------------------------------------------------------------ properties (diffusers' conventions)
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self):
+        return self._guidance_scale > 1
+
+    @property
+    def use_text(self) -> bool:
+        """Text condition on (ablation switch ``mif.config.use_semantic``)."""
+        return bool(self.mif.config.use_semantic)
+
+    @property
+    def cross_attention_kwargs(self):
+        return self._cross_attention_kwargs
+
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    @property
+    def interrupt(self):
+        return self._interrupt
+
+    # ------------------------------------------------------------------ conditioning
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    ):
+        """Token states (for cross-attention) and pooled embeddings (for e_sem) of the prompts and, with
+        guidance, of the negative prompts (default ``""``), each repeated ``num_images_per_prompt`` times.
+
+        Returns ``(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)``;
+        the negative ones are ``None`` without guidance.
+        """
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds, pooled_prompt_embeds = encode_text(
+                self.tokenizer, self.text_encoder, prompts, device
+            )
+        elif pooled_prompt_embeds is None:
+            raise ValueError(
+                "`prompt_embeds` need `pooled_prompt_embeds` too (e_sem is built from the pooled text)"
+            )
+        batch = prompt_embeds.shape[0]
+        if pooled_prompt_embeds.shape[0] != batch:
+            raise ValueError(
+                f"pooled_prompt_embeds has batch {pooled_prompt_embeds.shape[0]}, prompt_embeds has {batch}"
+            )
+
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            negative = negative_prompt if negative_prompt is not None else ""
+            negatives = [negative] * batch if isinstance(negative, str) else list(negative)
+            if len(negatives) != batch:
+                raise ValueError(f"{len(negatives)} negative prompts for {batch} prompts")
+            negative_prompt_embeds, negative_pooled_prompt_embeds = encode_text(
+                self.tokenizer, self.text_encoder, negatives, device
+            )
+        elif do_classifier_free_guidance:
+            if negative_pooled_prompt_embeds is None:
+                raise ValueError("`negative_prompt_embeds` need `negative_pooled_prompt_embeds` too")
+            if negative_prompt_embeds.shape != prompt_embeds.shape:
+                raise ValueError(
+                    f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must have the shape of "
+                    f"prompt_embeds {tuple(prompt_embeds.shape)}"
+                )
+
+        dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
+
+        def expand(t):
+            return (
+                None
+                if t is None
+                else t.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, 0)
+            )
+
+        if not do_classifier_free_guidance:
+            negative_prompt_embeds = negative_pooled_prompt_embeds = None
+        return tuple(
+            expand(t)
+            for t in (
+                prompt_embeds,
+                negative_prompt_embeds,
+                pooled_prompt_embeds,
+                negative_pooled_prompt_embeds,
+            )
+        )
+
+    def encode_reference_images(
+        self, references: list[torch.Tensor], masks: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """CLIP image embeddings ``(B, p)`` of each ``reference ⊙ reference_mask`` (eq. 3)."""
+        if self.image_encoder is None:
+            raise ValueError("reference_image given but this pipeline has no image_encoder")
+        embeds = []
+        for ref, msk in zip(references, masks, strict=True):
+            embeds.append(encode_reference(self.image_encoder, self.feature_extractor, ref[None], msk[None]))
+        return torch.cat(embeds)
+
+    # ------------------------------------------------------------------ helpers
+    def check_inputs(
+        self,
+        prompt,
+        image,
+        mask_image,
+        height,
+        width,
+        strength,
+        num_inference_steps,
+        num_images_per_prompt,
+        output_type,
+        negative_prompt,
+        prompt_embeds,
+        negative_prompt_embeds,
+        pooled_prompt_embeds,
+        reference_image,
+        reference_mask,
+        padding_mask_crop,
+        callback_on_step_end_tensor_inputs,
+    ):
+        if not 0 <= strength <= 1:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and (value <= 0 or value % self.vae_scale_factor):
+                raise ValueError(
+                    f"{name} must be a positive multiple of {self.vae_scale_factor}, got {value}"
+                )
+        if padding_mask_crop is not None and (
+            not isinstance(padding_mask_crop, int) or padding_mask_crop < 0
+        ):
+            raise ValueError(f"padding_mask_crop must be a non-negative int, got {padding_mask_crop!r}")
+        if callback_on_step_end_tensor_inputs is not None:
+            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+            if unknown:
+                raise ValueError(
+                    f"callback_on_step_end_tensor_inputs {unknown} are unknown; choose from {self._callback_tensor_inputs}"
+                )
+        if image is None or mask_image is None:
+            raise ValueError(
+                "`image` (the normal image) and `mask_image` (where the defect goes) are required"
+            )
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
+        if self.use_text and prompt is None and prompt_embeds is None:
+            raise ValueError(
+                "a `prompt` (or `prompt_embeds`) is required: this pipeline's text condition is on"
+            )
+        if prompt is not None and not isinstance(prompt, (str, list)):
+            raise ValueError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
+        if prompt_embeds is not None and pooled_prompt_embeds is None and self.use_text:
+            raise ValueError(
+                "`prompt_embeds` need `pooled_prompt_embeds` too (e_sem is built from the pooled text)"
+            )
+        if reference_mask is not None and reference_image is None:
+            raise ValueError("`reference_mask` given without `reference_image`")
+        if reference_image is not None and self.image_encoder is None:
+            raise ValueError("`reference_image` given but this pipeline has no image_encoder")
+
+    def get_timesteps(self, num_inference_steps: int, strength: float, device):
+        init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+        t_start = max(num_inference_steps - init_timestep, 0)
+        timesteps = self.scheduler.timesteps[t_start * self.scheduler.order :]
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(t_start * self.scheduler.order)
+        return timesteps, num_inference_steps - t_start
+
+    def prepare_extra_step_kwargs(self, generator, eta):
+        import inspect
+
+        params = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs = {}
+        if "eta" in params:
+            kwargs["eta"] = eta
+        if "generator" in params:
+            kwargs["generator"] = generator
+        return kwargs
+
+    def crop_regions(self, masks: list[torch.Tensor], height: int, width: int, padding_mask_crop: int | None):
+        """Per sample ``(x1, y1, x2, y2)``: the whole image, or (with ``padding_mask_crop``) the padded
+        box around the mask widened to the generation aspect ratio (diffusers' ``get_crop_region``)."""
+        regions = []
+        for m in masks:
+            h, w = m.shape[-2:]
+            if padding_mask_crop is None:
+                regions.append((0, 0, w, h))
+            else:
+                pil = PIL.Image.fromarray((m[0].numpy() * 255).astype(np.uint8), mode="L")
+                regions.append(self.mask_processor.get_crop_region(pil, width, height, pad=padding_mask_crop))
+        return regions
+
+    def _encode_vae(self, images: torch.Tensor) -> torch.Tensor:
+        latents = _vae_latents(self.vae.encode(images))
+        return latents * self.vae.config.scaling_factor
+
+    @staticmethod
+    def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if tuple(image.shape[-2:]) == tuple(size):
+            return image
+        return F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(
+            0, 1
+        )
+
+    def _to_output(self, items: list[torch.Tensor], output_type: str, mask: bool):
+        if output_type == "pil":
+            out = []
+            for x in items:
+                arr = (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+                out.append(
+                    PIL.Image.fromarray(arr[..., 0], mode="L")
+                    if mask
+                    else PIL.Image.fromarray(arr, mode="RGB")
+                )
+            return out
+        stacked = torch.stack(items)
+        if output_type == "pt":
+            return stacked
+        return self.image_processor.pt_to_numpy(stacked)
+
+    # ------------------------------------------------------------------ call
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image=None,
+        mask_image=None,
+        reference_image=None,
+        reference_mask=None,
+        height: int | None = None,
+        width: int | None = None,
+        padding_mask_crop: int | None = None,
+        strength: float = 1.0,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ):
+        r"""Synthesise anomalies.
+
+        Args:
+            prompt: the defect description(s). One prompt is used for every image.
+            image: the normal image(s): PIL, NumPy or torch, see :mod:`axf_pipeline.image_processing`.
+            mask_image: where the defect goes; single-channel; every non-zero pixel counts as defect.
+            reference_image: a real defect whose texture guides the result (eq. 3). Optional: without it
+                the MIF sees a zero image embedding, the learned "no reference" state.
+            reference_mask: the defect region of ``reference_image`` (default: the whole image).
+            height, width: generation size (default: the UNet's native resolution). The result is
+                resized back to the input's own size (or the crop's size) and composited.
+            padding_mask_crop: generate only a box around the mask, padded by this many pixels and widened
+                to ``width/height``'s aspect ratio, and paste it back (for large or non-square inputs).
+            strength: 1.0 starts from pure noise; lower values start from the noised image.
+            guidance_scale: classifier-free guidance weight (> 1 enables it). The unconditional branch
+                sees the negative prompt (default ``""``) in both the prompt tokens and e_sem, the same
+                mask, and no reference (zero image embedding): guidance pushes towards the caption and
+                the reference texture, while the location is kept in both branches.
+            num_images_per_prompt: samples per input; outputs are ordered input-major.
+            generator, latents: randomness, as in diffusers (``latents`` are the initial noise).
+            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds:
+                precomputed text states (see :meth:`encode_prompt`); the pooled ones feed e_sem.
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+            callback_on_step_end, callback_on_step_end_tensor_inputs: as in diffusers; available tensors
+                are listed in ``_callback_tensor_inputs``.
+
+        Returns:
+            :class:`AnomalyXFusionPipelineOutput` (or ``(images, masks)`` with ``return_dict=False``).
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+
+        # 1. Check inputs and bring images and masks to tensors at their own size
+        self.check_inputs(
+            prompt,
+            image,
+            mask_image,
+            height,
+            width,
+            strength,
+            num_inference_steps,
+            num_images_per_prompt,
+            output_type,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            pooled_prompt_embeds,
+            reference_image,
+            reference_mask,
+            padding_mask_crop,
+            callback_on_step_end_tensor_inputs,
+        )
+        images = ip.images_to_tensors(image, "image")
+        masks = ip.masks_to_tensors(mask_image, "mask_image")
+        ip.check_same_sizes(images, masks)
+        references = ref_masks = None
+        if reference_image is not None:
+            references = ip.images_to_tensors(reference_image, "reference_image")
+            ref_masks = (
+                ip.masks_to_tensors(reference_mask, "reference_mask")
+                if reference_mask is not None
+                else [torch.ones(1, *r.shape[-2:]) for r in references]
+            )
+            ip.check_same_sizes(references, ref_masks, "reference_image", "reference_mask")
+        if not self.use_text:
+            n_prompts = None
+        elif prompt_embeds is not None:
+            n_prompts = prompt_embeds.shape[0]
+        else:
+            n_prompts = 1 if isinstance(prompt, str) else len(prompt)
+        batch_size = ip.resolve_batch_size(
+            prompt=n_prompts,
+            image=len(images),
+            mask_image=len(masks),
+            reference_image=None if references is None else len(references),
+            reference_mask=None if ref_masks is None else len(ref_masks),
+        )
+        images, masks = ip.broadcast(images, batch_size), ip.broadcast(masks, batch_size)
+        if output_type in ("np", "pt") and len({tuple(x.shape) for x in images}) > 1:
+            raise ValueError("images of different sizes can only be returned with output_type='pil'")
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+
+        self._guidance_scale = guidance_scale
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
+        device = self._execution_device
+        total = batch_size * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != total:
+            raise ValueError(f"{len(generator)} generators for a batch of {total} images")
+
+        # 2. Encode the prompt (cross-attention tokens + pooled text for e_sem)
+        pooled = negative_pooled = None
+        if self.use_text:
+            if prompt_embeds is None and isinstance(prompt, str):
+                prompt = [prompt] * batch_size
+            elif prompt_embeds is not None and prompt_embeds.shape[0] == 1 and batch_size > 1:
+                prompt_embeds = prompt_embeds.expand(batch_size, -1, -1)
+                pooled_prompt_embeds = pooled_prompt_embeds.expand(batch_size, -1)
+            if isinstance(negative_prompt, list) and len(negative_prompt) == 1:
+                negative_prompt = negative_prompt * batch_size
+            if negative_prompt_embeds is not None and negative_prompt_embeds.shape[0] == 1 and batch_size > 1:
+                negative_prompt_embeds = negative_prompt_embeds.expand(batch_size, -1, -1)
+                negative_pooled_prompt_embeds = negative_pooled_prompt_embeds.expand(batch_size, -1)
+            prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = self.encode_prompt(
+                prompt,
+                device,
+                num_images_per_prompt,
+                self.do_classifier_free_guidance,
+                negative_prompt,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+                pooled_prompt_embeds=pooled_prompt_embeds,
+                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            )
+        if self.do_classifier_free_guidance and prompt_embeds is not None:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+
+        # 3. Timesteps
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength, device)
+        if num_inference_steps < 1:
+            raise ValueError(f"strength={strength} leaves no denoising step out of {num_inference_steps}")
+        is_strength_max = strength == 1.0
+
+        # 4. Image and mask at generation size (a crop around the mask with padding_mask_crop)
+        regions = self.crop_regions(masks, height, width, padding_mask_crop)
+        init_image = torch.cat(
+            [
+                self._resize(img[None, :, y1:y2, x1:x2], (height, width))
+                for img, (x1, y1, x2, y2) in zip(images, regions, strict=True)
+            ]
+        )
+        gen_mask = torch.cat(
+            [
+                ip.resize_mask(m[None, :, y1:y2, x1:x2], (height, width))
+                for m, (x1, y1, x2, y2) in zip(masks, regions, strict=True)
+            ]
+        )
+        dtype = self.unet.dtype
+        init_image = self.image_processor.normalize(init_image).to(device=device, dtype=self.vae.dtype)
+        gen_mask = gen_mask.to(device)
+
+        # 5. Reference embedding and X-embedding, once per call (eqs. 1-5)
+        image_embeds = None
+        if references is not None:
+            image_embeds = self.encode_reference_images(
+                ip.broadcast(references, batch_size), ip.broadcast(ref_masks, batch_size)
+            ).to(device)
+            image_embeds = image_embeds.repeat_interleave(num_images_per_prompt, 0)
+        mif_mask = gen_mask.repeat_interleave(num_images_per_prompt, 0).to(self.mif.dtype)
+        if self.do_classifier_free_guidance:
+            uncond_image = None if image_embeds is None else torch.zeros_like(image_embeds)
+            if image_embeds is not None:
+                image_embeds = torch.cat([uncond_image, image_embeds])
+            x_embeds = x_embedding(
+                self.mif,
+                torch.cat([mif_mask, mif_mask]),
+                None if pooled is None else torch.cat([negative_pooled, pooled]),
+                image_embeds,
+            )
+        else:
+            x_embeds = x_embedding(self.mif, mif_mask, pooled, image_embeds)
+
+        # 6. Latents; the VAE encodes once (image and, for inpainting UNets, the masked image together)
+        num_channels_latents = self.vae.config.latent_channels
+        num_channels_unet = self.unet.config.in_channels
+        need_image_latents = num_channels_unet == 4 or not is_strength_max
+        to_encode = []
+        if need_image_latents:
+            to_encode.append(init_image)
+        if num_channels_unet == 9:
+            to_encode.append(init_image * (gen_mask < 0.5).to(init_image.dtype))
+        image_latents = masked_image_latents = None
+        if to_encode:
+            encoded = self._encode_vae(torch.cat(to_encode)).to(dtype).chunk(len(to_encode))
+            encoded = [e.repeat_interleave(num_images_per_prompt, 0) for e in encoded]
+            if need_image_latents:
+                image_latents = encoded.pop(0)
+            if num_channels_unet == 9:
+                masked_image_latents = encoded.pop(0)
+
+        shape = (total, num_channels_latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            if is_strength_max:
+                latents = noise * self.scheduler.init_noise_sigma
+            else:
+                latent_timestep = timesteps[:1].repeat(total)
+                latents = self.scheduler.add_noise(image_latents, noise, latent_timestep)
+        else:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+            noise = latents.to(device=device, dtype=dtype)
+            latents = noise * self.scheduler.init_noise_sigma
+        mask = (
+            ip.latent_mask(gen_mask, self.vae_scale_factor)
+            .to(dtype)
+            .repeat_interleave(num_images_per_prompt, 0)
+        )
+
+        # 7. Denoising loop: DDF once per step for the whole batch, guidance as one batched UNet call
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        self._num_timesteps = len(timesteps)
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                cfg = self.do_classifier_free_guidance
+                latent_model_input = torch.cat([latents] * 2) if cfg else latents
+                latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+                if num_channels_unet == 9:
+                    m_in = torch.cat([mask] * 2) if cfg else mask
+                    mi_in = torch.cat([masked_image_latents] * 2) if cfg else masked_image_latents
+                    latent_model_input = torch.cat([latent_model_input, m_in, mi_in], dim=1)
+                encoder_hidden_states = cross_attention_states(
+                    prompt_embeds, x_embeds, t, self.ddf, use_text=self.use_text
+                ).to(dtype)
+                noise_pred = self.unet(
+                    latent_model_input,
+                    t,
+                    encoder_hidden_states=encoder_hidden_states,
+                    cross_attention_kwargs=self.cross_attention_kwargs,
+                    return_dict=False,
+                )[0]
+                if cfg:
+                    noise_uncond, noise_text = noise_pred.chunk(2)
+                    noise_pred = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[
+                    0
+                ]
+
+                if num_channels_unet == 4:
+                    # eq. 16: outside the mask, the original noised to the next timestep (clean at the end)
+                    known = image_latents
+                    if i < len(timesteps) - 1:
+                        known = self.scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
+                    latents = (1 - mask) * known + mask * latents
+
+                if callback_on_step_end is not None:
+                    available = {
+                        "latents": latents,
+                        "prompt_embeds": prompt_embeds,
+                        "negative_prompt_embeds": negative_prompt_embeds,
+                        "x_embeds": x_embeds,
+                        "mask": mask,
+                        "masked_image_latents": masked_image_latents,
+                    }
+                    callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = callback_outputs.pop(
+                        "negative_prompt_embeds", negative_prompt_embeds
+                    )
+                    x_embeds = callback_outputs.pop("x_embeds", x_embeds)
+                    mask = callback_outputs.pop("mask", mask)
+                    masked_image_latents = callback_outputs.pop("masked_image_latents", masked_image_latents)
+
+                if i == len(timesteps) - 1 or (
+                    (i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0
+                ):
+                    progress_bar.update()
+
+        if output_type == "latent":
+            self.maybe_free_model_hooks()
+            return (
+                AnomalyXFusionPipelineOutput(images=latents, masks=mask) if return_dict else (latents, mask)
+            )
+
+        # 8. Decode, put the input pixels back outside the mask at the input's own size, postprocess
+        decoded = self.vae.decode(
+            latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False
+        )[0]
+        decoded = (decoded.float().cpu() / 2 + 0.5).clamp(0, 1)
+        out_images, out_masks = [], []
+        for j in range(total):
+            b = j // num_images_per_prompt
+            x1, y1, x2, y2 = regions[b]
+            result = images[b].clone()
+            region = result[:, y1:y2, x1:x2]
+            generated = self._resize(decoded[j : j + 1], (y2 - y1, x2 - x1))[0]
+            inside = masks[b][:, y1:y2, x1:x2] > 0
+            result[:, y1:y2, x1:x2] = torch.where(inside, generated, region)
+            out_images.append(result)
+            out_masks.append(masks[b])
+        self.maybe_free_model_hooks()
+        out_images = self._to_output(out_images, output_type, mask=False)
+        out_masks = self._to_output(out_masks, output_type, mask=True)
+        if not return_dict:
+            return (out_images, out_masks)
+        return AnomalyXFusionPipelineOutput(images=out_images, masks=out_masks)
