@@ -1,0 +1,261 @@
+"""MVTec Caption for training: the few-shot generator fold, prepared on the fly.
+
+Each example is a crop at ``--resolution`` around its defect (large LOCO images train at full
+detail), the mask cropped and flipped with it, a caption, and a reference defect (another anomaly
+of the same category and defect type) for the textural branch. Every random choice is drawn from
+``(seed, epoch, index)``, so an example is the same whichever process or worker makes it, and a
+resumed run sees exactly what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..image_processing import binarize_mask
+from .args import TrainingInputError
+
+REQUIRED_COLUMNS = ("image", "mask", "caption", "category", "defect_type", "is_anomaly", "fold")
+
+
+def load_mvtec_caption(dataset_name: str, config: str | None = None, cache_dir: str | None = None):
+    """All splits of MVTec Caption in one ``datasets.Dataset`` (anomalies live in ``test``)."""
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(dataset_name, config, cache_dir=cache_dir)
+    except Exception as err:
+        raise TrainingInputError(
+            f"--dataset_name {dataset_name!r} (--dataset_config {config!r}) could not be loaded with "
+            f"datasets.load_dataset: {type(err).__name__}: {err}"
+        ) from err
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = datasets.concatenate_datasets(list(loaded.values()))
+    return loaded
+
+
+@dataclass
+class TrainingData:
+    train: object  # datasets.Dataset of the anomalies to train on
+    normals: object  # datasets.Dataset of normal images (validation canvases)
+
+
+def select_training_data(
+    dataset,
+    categories=None,
+    defect_types=None,
+    train_fold: str = "generator",
+    source: str = "the dataset",
+) -> TrainingData:
+    """Checks the schema and keeps the anomalies of the asked fold, categories and defect types."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise TrainingInputError(
+            f"{source} lacks the column(s) {missing} of the MVTec Caption schema "
+            f"(needs {list(REQUIRED_COLUMNS)}; has {dataset.column_names})"
+        )
+    meta = dataset.select_columns(["category", "defect_type", "is_anomaly", "fold", "caption"]).to_dict()
+    have_categories = sorted(set(meta["category"]))
+    for name, wanted, have in (
+        ("--categories", categories, have_categories),
+        ("--defect_types", defect_types, sorted(set(meta["defect_type"]))),
+    ):
+        unknown = sorted(set(wanted or ()) - set(have))
+        if unknown:
+            raise TrainingInputError(f"{name} {unknown} not in {source}; it has {have}")
+    folds = ("generator",) if train_fold == "generator" else ("generator", "evaluation")
+    train_idx, normal_idx = [], []
+    for i, (cat, defect, anomalous, fold) in enumerate(
+        zip(meta["category"], meta["defect_type"], meta["is_anomaly"], meta["fold"], strict=True)
+    ):
+        if categories and cat not in categories:
+            continue
+        if not anomalous:
+            normal_idx.append(i)
+        elif (not defect_types or defect in defect_types) and fold in folds:
+            train_idx.append(i)
+    if not train_idx:
+        raise TrainingInputError(
+            f"No anomalies to train on in {source} with --categories {categories} --defect_types "
+            f"{defect_types} --train_fold {train_fold} (categories present: {have_categories})"
+        )
+    no_caption = [i for i in train_idx if not (meta["caption"][i] or "").strip()]
+    if no_caption:
+        raise TrainingInputError(
+            f"{len(no_caption)} training anomalies of {source} have no caption "
+            f"(first: row {no_caption[0]}, {meta['category'][no_caption[0]]}/{meta['defect_type'][no_caption[0]]})"
+        )
+    return TrainingData(train=dataset.select(train_idx), normals=dataset.select(normal_idx))
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) & 0xFFFFFFFF for k in key])
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(x0, y0, x1, y1) of the mask's non-zero pixels, exclusive end; None when empty."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def crop_around_mask(
+    image: Image.Image,
+    mask: Image.Image,
+    resolution: int,
+    rng: np.random.Generator,
+    jitter: float = 0.25,
+    flip: bool = False,
+) -> tuple[Image.Image, Image.Image, tuple[int, int, int, int, int, bool]]:
+    """A ``resolution``² crop holding the defect, at native detail when the defect fits.
+
+    The image is only rescaled when its short side is below ``resolution`` (upscale) or the defect is
+    larger than the crop (downscale until it fits, never below covering the crop). Image and mask get
+    the same box and flip. Returns the crops and a key ``(w, h, x0, y0, scaled side, flipped)``.
+    """
+    width, height = image.size
+    box = mask_box(np.asarray(mask) > 0) or (0, 0, width, height)
+    scale = max(resolution / min(width, height), 1.0)
+    defect = max(box[2] - box[0], box[3] - box[1]) * scale
+    if defect > resolution:
+        scale = max(scale * resolution / defect, resolution / min(width, height))
+    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.BICUBIC)
+        mask = mask.resize((new_w, new_h), Image.NEAREST)
+    sx, sy = new_w / width, new_h / height
+    cx, cy = (box[0] + box[2]) / 2 * sx, (box[1] + box[3]) / 2 * sy
+    x0 = min(max(cx - resolution / 2, 0), new_w - resolution)
+    y0 = min(max(cy - resolution / 2, 0), new_h - resolution)
+    # Jitter within the room that keeps the defect's centre inside the crop.
+    room_x = min(resolution / 2, x0 + 0.0, new_w - resolution - x0) if jitter else 0
+    room_y = min(resolution / 2, y0 + 0.0, new_h - resolution - y0) if jitter else 0
+    x0 = round(x0 + jitter * room_x * rng.uniform(-1, 1)) if jitter else round(x0)
+    y0 = round(y0 + jitter * room_y * rng.uniform(-1, 1)) if jitter else round(y0)
+    x0, y0 = min(max(x0, 0), new_w - resolution), min(max(y0, 0), new_h - resolution)
+    crop = (x0, y0, x0 + resolution, y0 + resolution)
+    image, mask = image.crop(crop), mask.crop(crop)
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        mask = mask.transpose(Image.FLIP_LEFT_RIGHT)
+    return image, mask, (new_w, new_h, x0, y0, resolution, bool(flip))
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL → float ``(C, H, W)`` in [0, 1]."""
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    if array.ndim == 2:
+        array = array[..., None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+class AnomalyTrainingDataset(torch.utils.data.Dataset):
+    """Training examples made on the fly from an MVTec Caption ``datasets.Dataset`` of anomalies."""
+
+    def __init__(
+        self,
+        dataset,
+        resolution: int,
+        seed: int = 0,
+        crop_jitter: float = 0.25,
+        random_flip: bool = True,
+        reference_drop_prob: float = 0.1,
+        caption_drop_prob: float = 0.1,
+    ):
+        self.dataset = dataset
+        self.resolution = resolution
+        self.seed = seed
+        self.crop_jitter = crop_jitter
+        self.random_flip = random_flip
+        self.reference_drop_prob = reference_drop_prob
+        self.caption_drop_prob = caption_drop_prob
+        self.epoch = 0
+        meta = dataset.select_columns(["category", "defect_type", "path"] if "path" in dataset.column_names
+                                      else ["category", "defect_type"]).to_dict()  # fmt: skip
+        self.groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+        self.group_of: list[tuple[str, str]] = []
+        for i, key in enumerate(zip(meta["category"], meta["defect_type"], strict=True)):
+            self.groups[key].append(i)
+            self.group_of.append(key)
+        self.paths = meta.get("path") or [f"row {i}" for i in range(len(dataset))]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _load(self, index: int) -> tuple[Image.Image, Image.Image, str]:
+        row = self.dataset[index]
+        image, mask = row["image"], row["mask"]
+        if image is None or mask is None:
+            raise TrainingInputError(f"{self.paths[index]}: missing {'image' if image is None else 'mask'}")
+        if image.size != mask.size:
+            raise TrainingInputError(
+                f"{self.paths[index]}: mask size {mask.size} differs from image size {image.size}"
+            )
+        return image.convert("RGB"), mask.convert("L"), row["caption"]
+
+    def _crop(self, index: int, rng: np.random.Generator):
+        image, mask, caption = self._load(index)
+        flip = self.random_flip and rng.random() < 0.5
+        image, mask, key = crop_around_mask(image, mask, self.resolution, rng, self.crop_jitter, flip)
+        return to_tensor(image), binarize_mask(to_tensor(mask)), caption, (index, *key)
+
+    def __getitem__(self, index: int) -> dict:
+        rng = _rng(self.seed, self.epoch, index)
+        pixels, mask, caption, key = self._crop(index, rng)
+        group = self.groups[self.group_of[index]]
+        others = [j for j in group if j != index] or group
+        ref_index = others[int(rng.integers(len(others)))]
+        reference, reference_mask, _, _ = self._crop(ref_index, rng)
+        return {
+            "pixel_values": pixels * 2 - 1,
+            "mask": mask,
+            "reference": reference,
+            "reference_mask": reference_mask,
+            "has_reference": torch.tensor(rng.random() >= self.reference_drop_prob),
+            "caption": "" if rng.random() < self.caption_drop_prob else caption,
+            "key": key,
+        }
+
+
+def collate(examples: list[dict]) -> dict:
+    batch = {k: torch.stack([e[k] for e in examples]) for k in examples[0] if k not in ("caption", "key")}
+    batch["caption"] = [e["caption"] for e in examples]
+    batch["key"] = [e["key"] for e in examples]
+    return batch
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """This process's batches of one epoch: a permutation drawn from ``(seed, epoch)``, dealt round-robin
+    to the processes, wrapped around so every process gets the same number of full batches.
+
+    ``skip`` batches at the start of the epoch are left out: that is how a resumed run picks up at the
+    exact batch it stopped at.
+    """
+
+    def __init__(self, size: int, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        self.size, self.batch_size = size, batch_size
+        self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / (self.batch_size * self.num_replicas))
+
+    def __iter__(self):
+        order = _rng(self.seed, self.epoch, 0x5EED).permutation(self.size)
+        total = len(self) * self.batch_size * self.num_replicas
+        order = np.resize(order, total)  # wrap around
+        for b in range(self.skip, len(self)):
+            start = (b * self.num_replicas + self.rank) * self.batch_size
+            yield order[start : start + self.batch_size].tolist()

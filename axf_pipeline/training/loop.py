@@ -1,0 +1,240 @@
+"""``train.py``'s body: start-up checks, then the accelerate training loop, checkpoints, validation, export."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from . import checkpointing as ckpt
+from .args import TrainingInputError
+from .data import (
+    AnomalyTrainingDataset,
+    EpochBatchSampler,
+    collate,
+    load_mvtec_caption,
+    select_training_data,
+)
+from .model import (
+    BatchEncoder,
+    XFusionDenoiser,
+    check_base_model,
+    check_resolution,
+    compute_loss,
+    set_trainable,
+    step_generator,
+)
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def load_base_pipeline(args: argparse.Namespace, torch_dtype: torch.dtype | None = None):
+    """``AnomalyXFusionPipeline.from_base``: the Stable Diffusion base, the CLIP vision encoder and fresh MIF/DDF."""
+    from .. import AnomalyXFusionPipeline
+
+    kwargs = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    return AnomalyXFusionPipeline.from_base(
+        args.pretrained_model_name_or_path,
+        image_encoder=args.image_encoder,
+        use_semantic=not args.no_text,
+        use_aggregator=not args.no_mif,
+        use_ddf=not args.no_ddf,
+        **{k: v for k, v in kwargs.items() if v is not None},
+    )
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Runs the whole training; returns the output folder holding the saved pipeline."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    output_dir = Path(args.output_dir)
+    report_to = None if args.report_to in ("none", "") else args.report_to
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # ---- start-up checks: every bad input fails here, before any compute -------------------------
+    check_base_model(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+    resume_dir = ckpt.resolve_resume(args.resume_from_checkpoint, output_dir)
+    data = select_training_data(
+        load_mvtec_caption(args.dataset_name, args.dataset_config, args.cache_dir),
+        args.categories,
+        args.defect_types,
+        args.train_fold,
+        source=f"--dataset_name {args.dataset_name!r}",
+    )
+    pipe = load_base_pipeline(args)
+    components = pipe.components
+    check_resolution(args.resolution, components["vae"], components["unet"])
+    if components["unet"].config.in_channels not in (4, 9):
+        raise TrainingInputError(
+            f"--pretrained_model_name_or_path: UNet in_channels={components['unet'].config.in_channels}; "
+            "expected 4 (plain) or 9 (inpainting)"
+        )
+
+    # ---- model -----------------------------------------------------------------------------------
+    weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
+    set_trainable(
+        components, args.train_unet, args.lora_rank, args.lora_alpha, accelerator.device, weight_dtype
+    )
+    unet, mif, ddf = components["unet"], components["mif"], components["ddf"]
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    denoiser = XFusionDenoiser(unet, mif, ddf)
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    lr = args.learning_rate * (total_batch if args.scale_lr else 1)
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=lr,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    # Stepped once per optimizer step by this loop (not prepared, so accelerate doesn't step it per process).
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps,
+        num_training_steps=args.max_train_steps,
+    )
+    denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    ckpt.register_hooks(accelerator, accelerator.unwrap_model)
+
+    train_dataset = AnomalyTrainingDataset(
+        data.train,
+        args.resolution,
+        seed=args.seed,
+        crop_jitter=args.crop_jitter,
+        random_flip=args.random_flip,
+        reference_drop_prob=args.reference_drop_prob,
+        caption_drop_prob=args.caption_drop_prob,
+    )
+    sampler = EpochBatchSampler(
+        len(train_dataset),
+        args.train_batch_size,
+        accelerator.num_processes,
+        accelerator.process_index,
+        args.seed,
+    )
+    loader = torch.utils.data.DataLoader(
+        train_dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.dataloader_num_workers
+    )
+    encoder = BatchEncoder(
+        vae=components["vae"],
+        text_encoder=components["text_encoder"],
+        tokenizer=components["tokenizer"],
+        image_encoder=components["image_encoder"],
+        feature_extractor=components["feature_extractor"],
+        scheduler=components["scheduler"].__class__.from_config(components["scheduler"].config),
+        inpainting=unet.config.in_channels == 9,
+        cache_latents=args.cache_latents,
+    )
+    use_text = not args.no_text
+
+    # ---- resume ----------------------------------------------------------------------------------
+    global_step = 0
+    if accelerator.is_main_process:
+        ckpt.remove_leftovers(output_dir)
+    if resume_dir is not None:
+        logger.info("Resuming from %s", resume_dir)
+        accelerator.load_state(str(resume_dir))
+        global_step = ckpt.read_state(resume_dir)["global_step"]
+    elif args.resume_from_checkpoint == "latest":
+        logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting fresh", output_dir)
+    micro = global_step * args.gradient_accumulation_steps
+
+    if accelerator.is_main_process:
+        config = {
+            k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in vars(args).items()
+        }
+        accelerator.init_trackers(args.tracker_project_name, config=config)
+    logger.info(
+        "%d training anomalies, %d processes x batch %d x accumulation %d, %d steps (from %d), %d trained parameters",
+        len(train_dataset),
+        accelerator.num_processes,
+        args.train_batch_size,
+        args.gradient_accumulation_steps,
+        args.max_train_steps,
+        global_step,
+        sum(p.numel() for p in params),
+    )
+
+    # ---- loop ------------------------------------------------------------------------------------
+    progress = tqdm(
+        total=args.max_train_steps,
+        initial=global_step,
+        desc="Steps",
+        disable=not accelerator.is_local_main_process,
+    )
+    running = 0.0
+    while global_step < args.max_train_steps:
+        epoch, skip = divmod(micro, len(sampler))
+        sampler.set_epoch(epoch, skip)
+        train_dataset.set_epoch(epoch)
+        for batch in loader:
+            with accelerator.accumulate(denoiser):
+                inputs = encoder(batch, step_generator(args.seed, micro, accelerator.process_index), use_text)
+                loss = compute_loss(denoiser, inputs, args.loss_mask_weight)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro += 1
+            running += loss.detach() / args.gradient_accumulation_steps
+            if not accelerator.sync_gradients:
+                continue
+            lr_scheduler.step()
+            global_step += 1
+            step_loss = accelerator.reduce(running, reduction="mean").item()
+            running = 0.0
+            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
+            accelerator.log(logs, step=global_step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}")
+            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                state = {"global_step": global_step, "micro_batches": micro, "epoch": micro // len(sampler)}
+                path = ckpt.save_checkpoint(accelerator, output_dir, state, args.checkpoints_total_limit)
+                logger.info("Saved %s", path)
+            if (
+                args.validation_steps
+                and global_step % args.validation_steps == 0
+                and accelerator.is_main_process
+            ):
+                from .validation import log_validation
+
+                log_validation(accelerator, pipe, data.train, data.normals, args, global_step)
+            if global_step >= args.max_train_steps:
+                break
+    progress.close()
+
+    # ---- export (main process only: the pipeline is saved once) -----------------------------------
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        from .export import export_pipeline
+
+        export_pipeline(
+            args, accelerator.unwrap_model(denoiser), data, global_step, accelerator.num_processes
+        )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return output_dir

@@ -1,0 +1,35 @@
+"""Eq. 17, ``||ε − ε_θ(x_t, e_t, t)||²``, optionally weighted by the defect mask.
+
+Default ``--loss_mask_weight 1``: the loss counts only latent pixels under the (max-pooled) mask, as
+the authors' reference code does. Sampling (eq. 16) replaces everything outside the mask with the
+noised original at every step, so the model's predictions there are never used; spending gradient on
+them would pull the few trained parameters (MIF, DDF, LoRA) towards re-predicting the normal
+background the frozen UNet already handles. Lower the weight (0 = plain eq. 17) when a UNet is
+trained from scratch (``--train_unet full``) and must learn whole images too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..image_processing import latent_mask
+
+
+def noise_prediction_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, mask_weight: float = 1.0
+) -> torch.Tensor:
+    """Mean squared error with per-pixel weight ``(1 − w) + w · mask`` (normalised per example).
+
+    An example whose weights sum to zero (an empty mask with ``w = 1``) falls back to uniform weights
+    rather than contributing NaN.
+    """
+    err = (pred.float() - target.float()).pow(2)
+    if mask is None or mask_weight == 0:
+        return err.mean()
+    m = latent_mask(mask, mask.shape[-1] // err.shape[-1]).to(err.dtype)  # max-pool: thin scratches survive
+    weight = (1.0 - mask_weight) + mask_weight * m
+    empty = weight.flatten(1).sum(1) == 0
+    if empty.any():
+        weight = torch.where(empty[:, None, None, None], torch.ones_like(weight), weight)
+    per_example = (err * weight).flatten(1).sum(1) / (weight.flatten(1).sum(1) * err.shape[1])
+    return per_example.mean()
