@@ -11,7 +11,7 @@ import datasets
 from .captions import Captions, caption_source_url, read_captions, verify_caption_source
 from .errors import MVTecCaptionError
 from .layout import CATEGORIES, Record, check_categories, find_data_root, iter_records
-from .masks import check_mask_sizes, image_size, mask_png
+from .masks import check_mask_sizes, mask_png
 
 _DESCRIPTION = """\
 MVTec Caption (AnomalyXFusion, Hu et al.): 1,258 image–mask–text triples over MVTec AD's 15 categories
@@ -127,9 +127,9 @@ class MVTecCaption(datasets.GeneratorBasedBuilder):
         generators = []
         for split in SPLITS[layout]:
             # Walk and check the whole split before writing anything: a bad tree fails fast.
-            records = list(iter_records(root, layout, captions, categories, str(split)))
-            for record in records:
-                check_mask_sizes(record)
+            records = [
+                (r, check_mask_sizes(r)) for r in iter_records(root, layout, captions, categories, str(split))
+            ]
             generators.append(
                 datasets.SplitGenerator(name=split, gen_kwargs={"root": str(root), "records": records})
             )
@@ -160,9 +160,8 @@ class MVTecCaption(datasets.GeneratorBasedBuilder):
             )
         return captions
 
-    def _generate_examples(self, root: str, records: list[Record]):
-        for record in records:
-            size = image_size(record.image)
+    def _generate_examples(self, root: str, records: list[tuple[Record, tuple[int, int]]]):
+        for record, size in records:
             path = record.image.relative_to(root).as_posix()
             yield (
                 path,

@@ -26,7 +26,7 @@ def binarize(array: np.ndarray) -> np.ndarray:
 
 def encode_png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(array, mode="L").save(buffer, format="PNG")
+    Image.fromarray(array, mode="L").save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
@@ -45,25 +45,29 @@ def _check_size(record: Record, mask: Path, mask_size: tuple[int, int], size: tu
         )
 
 
-def check_mask_sizes(record: Record) -> None:
-    """Header-only check of every mask file, so a mismatch stops the build before anything is written."""
-    if record.masks:
-        size = image_size(record.image)
-        for mask in record.masks:
-            _check_size(record, mask, image_size(mask), size)
+def check_mask_sizes(record: Record) -> tuple[int, int]:
+    """The image's size, after a header-only check of every mask file, so a mismatch stops the build
+    before anything is written."""
+    size = image_size(record.image)
+    for mask in record.masks:
+        _check_size(record, mask, image_size(mask), size)
+    return size
 
 
-def _read_mask(path: Path, size: tuple[int, int], record: Record) -> np.ndarray:
+def _read_mask(path: Path, size: tuple[int, int], record: Record) -> tuple[np.ndarray, str]:
     with Image.open(path) as mask:
         _check_size(record, path, mask.size, size)
-        return np.asarray(mask.convert("L"))
+        return np.asarray(mask.convert("L")), mask.mode
 
 
 def mask_png(record: Record, size: tuple[int, int]) -> bytes:
     """The record's mask: the union of its region files (one file for AD), binarised to 0/255."""
     if not record.masks:
         return zero_mask_png(size)
-    union = _read_mask(record.masks[0], size, record) > 0
+    first, mode = _read_mask(record.masks[0], size, record)
+    if len(record.masks) == 1 and mode == "L" and np.isin(first, (0, 255)).all():
+        return record.masks[0].read_bytes()  # already what we store (MVTec AD): no re-encoding
+    union = first > 0
     for path in record.masks[1:]:
-        union |= _read_mask(path, size, record) > 0
+        union |= _read_mask(path, size, record)[0] > 0
     return encode_png(binarize(union))

@@ -79,19 +79,24 @@ def stamp_of(image: Image.Image) -> tuple[int, int, int]:
     return int(row[0] + 256 * row[1]), int(row[2]), int(row[3])
 
 
-def _image(
-    size: tuple[int, int], gray: bool, stamp: tuple[int, int, int], rng: np.random.Generator
-) -> Image.Image:
+def _texture(size: tuple[int, int], gray: bool, rng: np.random.Generator) -> np.ndarray:
+    """A ramp with mild noise: compresses about like a real MVTec PNG."""
     width, height = size
     ramp = (
         np.linspace(40, 200, width, dtype=np.float32)[None, :]
         + np.linspace(0, 40, height, dtype=np.float32)[:, None]
     )
     channels = 1 if gray else 3
-    pixels = ramp[..., None] + rng.normal(0, 12, (height, width, channels)).astype(np.float32)
-    pixels = np.clip(pixels, 0, 255).astype(np.uint8)
+    pixels = ramp[..., None] + rng.normal(0, 6, (height, width, channels)).astype(np.float32)
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def _image(texture: np.ndarray, stamp: tuple[int, int, int]) -> Image.Image:
+    """The category's texture, shifted per image, with (index, category, defect) in its first pixels."""
     index, category_id, defect_id = stamp
+    pixels = np.roll(texture, shift=(7 * index + 13 * defect_id) % texture.shape[1], axis=1)
     pixels[0, :4] = np.array([index % 256, index // 256, category_id, defect_id], dtype=np.uint8)[:, None]
+    gray = texture.shape[2] == 1
     return Image.fromarray(pixels[..., 0] if gray else pixels, mode="L" if gray else "RGB")
 
 
@@ -144,6 +149,7 @@ def make_sample_tree(
         category_id = CATEGORIES[layout].index(category)
         gray = category in GRAYSCALE_CATEGORIES
         size = sample_size(category, scale)
+        texture = _texture(size, gray, rng)
         normals = {"train": n_train, "test": n_test_good}
         if layout == "loco":
             normals["validation"] = n_validation
@@ -154,7 +160,7 @@ def make_sample_tree(
         for split, n in normals.items():
             for i in range(n):
                 _save(
-                    _image(size, gray, (i, category_id, 255), rng),
+                    _image(texture, (i, category_id, 255)),
                     root / category / split / NORMAL / f"{i:03d}.png",
                 )
                 if bar is not None:
@@ -163,7 +169,7 @@ def make_sample_tree(
             gt = root / category / "ground_truth" / defect
             for i in range(len(defect_captions)):
                 _save(
-                    _image(size, gray, (i, category_id, defect_id), rng),
+                    _image(texture, (i, category_id, defect_id)),
                     root / category / "test" / defect / f"{i:03d}.png",
                 )
                 if layout == "ad":
