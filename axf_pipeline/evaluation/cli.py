@@ -1,0 +1,132 @@
+"""`axf evaluate` / `python -m axf_pipeline.evaluation`: compare generators on real data, write a report.
+
+Example::
+
+    axf evaluate --real ./mvtec_caption_export --real-config ad --categories bottle \\
+        --generated axf=./generated/axf --baseline-per-defect-type 100 --output ./eval_report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["add_arguments", "run"]
+
+
+def _generator_spec(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--generated expects NAME=PATH, got {text!r}")
+    return name, path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the evaluate command (mounted by `axf evaluate` and `python -m axf_pipeline.evaluation`)."""
+    from .harness import ALL_METRICS
+
+    parser.add_argument(
+        "--real", required=True, help="real MVTec Caption data: save_to_disk folder or load_dataset path"
+    )
+    parser.add_argument("--real-config", default=None, help="config of --real for load_dataset (ad or loco)")
+    parser.add_argument(
+        "--generated",
+        action="append",
+        type=_generator_spec,
+        default=[],
+        metavar="NAME=PATH",
+        help="a generator's anomalies: folder <category>/<defect_type>/<name>.png + <name>_mask.png, or a "
+        "dataset with the MVTec Caption columns; repeat to compare generators",
+    )
+    parser.add_argument(
+        "--generated-config", default=None, help="config name for dataset sources of --generated"
+    )
+    parser.add_argument(
+        "--baseline-per-defect-type",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also evaluate the Perlin (DRAEM-style) baseline with N anomalies per defect type",
+    )
+    parser.add_argument("--categories", nargs="+", default=None, help="categories to evaluate (default: all)")
+    parser.add_argument("--metrics", nargs="+", choices=ALL_METRICS, default=list(ALL_METRICS))
+    parser.add_argument("--output", required=True, help="folder for report.json, report.md and plots/")
+    parser.add_argument(
+        "--resolution", type=int, default=256, help="U-Net train/test resolution (DRAEM: 256)"
+    )
+    parser.add_argument("--classifier-resolution", type=int, default=224)
+    parser.add_argument("--epochs", type=int, default=10, help="U-Net epochs")
+    parser.add_argument("--classifier-epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--unet-channels", type=int, default=64, help="U-Net base width (DRAEM: 64)")
+    parser.add_argument("--unet-depth", type=int, default=5)
+    parser.add_argument(
+        "--classifier-weights", default=None, help="ResNet-34 ImageNet weights: a .safetensors path or 'hub'"
+    )
+    parser.add_argument(
+        "--inception-weights", default=None, help=".safetensors InceptionV3 (default: hub cache)"
+    )
+    parser.add_argument(
+        "--lpips-weights", default=None, help=".safetensors VGG-16 for LPIPS (default: hub cache)"
+    )
+    parser.add_argument("--lpips-net", default="vgg", choices=("vgg", "alex"))
+    parser.add_argument("--max-cluster-size", type=int, default=50, help="IC-LPIPS cluster cap (0: no cap)")
+    parser.add_argument("--small-clusters", default="skip", choices=("skip", "zero"))
+    parser.add_argument(
+        "--random-backbones",
+        action="store_true",
+        help="testing only: random Inception/VGG backbones; every such score is marked NOT A REAL SCORE",
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .data import RealData, load_anomalies
+    from .harness import HarnessOptions, evaluate_generators
+    from .report import write_report
+
+    names = [name for name, _ in args.generated]
+    if len(set(names)) != len(names) or ("perlin" in names and args.baseline_per_defect_type > 0):
+        raise SystemExit(f"generator names must be unique (perlin is the baseline's): {names}")
+    options = HarnessOptions(
+        metrics=tuple(args.metrics),
+        resolution=args.resolution,
+        classifier_resolution=args.classifier_resolution,
+        epochs=args.epochs,
+        classifier_epochs=args.classifier_epochs,
+        batch_size=args.batch_size,
+        unet_channels=args.unet_channels,
+        unet_depth=args.unet_depth,
+        classifier_weights=args.classifier_weights,
+        inception_weights=args.inception_weights,
+        lpips_weights=args.lpips_weights,
+        lpips_net=args.lpips_net,
+        max_cluster_size=args.max_cluster_size or None,
+        small_clusters=args.small_clusters,
+        baseline_per_defect_type=args.baseline_per_defect_type,
+        random_backbones=args.random_backbones,
+        device=args.device,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    real = RealData(args.real, args.real_config)
+    generators = {name: load_anomalies(path, args.generated_config) for name, path in args.generated}
+    report, curves = evaluate_generators(real, generators, options, args.categories)
+    paths = write_report(report, curves, args.output)
+    print(
+        json.dumps({k: str(v) if not isinstance(v, list) else [str(p) for p in v] for k, v in paths.items()})
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m axf_pipeline.evaluation", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

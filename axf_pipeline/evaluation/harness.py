@@ -1,0 +1,159 @@
+"""Side-by-side comparison of generators on one real dataset: every metric, per category, one report."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from tqdm.auto import tqdm
+
+from .baselines import perlin_anomalies
+from .data import RealData, Sample, group_by
+from .downstream import classification_accuracy, evaluate_localization, train_classifier, train_localization
+from .generation import ic_lpips, inception_score
+
+__all__ = ["ALL_METRICS", "HarnessOptions", "evaluate_generators"]
+
+ALL_METRICS = ("inception_score", "ic_lpips", "localization", "classification")
+
+
+@dataclass
+class HarnessOptions:
+    metrics: tuple[str, ...] = ALL_METRICS
+    resolution: int = 256
+    classifier_resolution: int = 224
+    epochs: int = 10
+    classifier_epochs: int = 10
+    batch_size: int = 8
+    unet_channels: int = 64
+    unet_depth: int = 5
+    classifier_weights: str | None = None
+    inception_weights: str | None = None
+    lpips_weights: str | None = None
+    lpips_net: str = "vgg"
+    max_cluster_size: int | None = 50
+    small_clusters: str = "skip"
+    baseline_per_defect_type: int = 0
+    random_backbones: bool = False
+    device: str = "cpu"
+    seed: int = 0
+    progress: bool = True
+
+
+def evaluate_generators(
+    real: RealData,
+    generators: dict[str, list[Sample]],
+    options: HarnessOptions,
+    categories: list[str] | None = None,
+) -> tuple[dict, dict]:
+    """Run the chosen metrics for every generator and category; return ``(report, curves)``.
+
+    ``options.baseline_per_defect_type > 0`` adds the Perlin baseline as generator ``"perlin"``.
+    """
+    if unknown := sorted(set(options.metrics) - set(ALL_METRICS)):
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {list(ALL_METRICS)}")
+    categories = list(categories or real.categories)
+    generators = dict(generators)
+    if options.baseline_per_defect_type > 0:
+        generators["perlin"] = [
+            s
+            for c in categories
+            for s in perlin_anomalies(
+                real.normals(c),
+                real.centres(c),
+                per_defect_type=options.baseline_per_defect_type,
+                resolution=options.resolution,
+                seed=options.seed,
+            )
+        ]
+    if not generators:
+        raise ValueError(
+            "no generator to evaluate: pass --generated NAME=PATH and/or --baseline-per-defect-type N"
+        )
+    by_gen = {g: group_by(samples, "category") for g, samples in generators.items()}
+    for g, cats in by_gen.items():
+        if missing := [c for c in categories if not cats.get(c)]:
+            raise ValueError(f"generator {g!r} has no anomalies for category/categories {missing}")
+    results: dict = {g: {} for g in generators}
+    curves: dict = {c: {} for c in categories}
+    steps = tqdm(
+        [(g, c) for g in generators for c in categories],
+        desc="generators × categories",
+        disable=not options.progress,
+    )
+    for g, c in steps:
+        steps.set_postfix_str(f"{g}/{c}")
+        samples = by_gen[g][c]
+        out = results[g][c] = {"n_generated": len(samples)}
+        if "inception_score" in options.metrics:
+            out["inception_score"] = inception_score(
+                [s.load_image() for s in samples],
+                weights=options.inception_weights,
+                random_backbone=options.random_backbones,
+                device=options.device,
+                progress=options.progress,
+            ).to_dict()
+        if "ic_lpips" in options.metrics:
+            gen_by_type = {
+                t: [s.load_image() for s in v] for t, v in group_by(samples, "defect_type").items()
+            }
+            centres = {
+                t: [s.load_image() for s in v] for t, v in group_by(real.centres(c), "defect_type").items()
+            }
+            out["ic_lpips"] = ic_lpips(
+                gen_by_type,
+                centres,
+                net=options.lpips_net,
+                weights=options.lpips_weights,
+                max_cluster_size=options.max_cluster_size,
+                small_clusters=options.small_clusters,
+                seed=options.seed,
+                random_backbone=options.random_backbones,
+                device=options.device,
+                progress=options.progress,
+            ).to_dict()
+        if "localization" in options.metrics:
+            model = train_localization(
+                real.normals(c),
+                samples,
+                resolution=options.resolution,
+                epochs=options.epochs,
+                batch_size=options.batch_size,
+                base_channels=options.unet_channels,
+                depth=options.unet_depth,
+                device=options.device,
+                seed=options.seed,
+                progress=options.progress,
+            )
+            loc = evaluate_localization(
+                model, real.test_set(c), resolution=options.resolution, device=options.device
+            )
+            out["localization"] = loc.to_dict()
+            curves[c][g] = {"pixel": loc.pixel_counts, "image": loc.image_counts}
+        if "classification" in options.metrics:
+            classes = real.defect_types(c)
+            classifier = train_classifier(
+                samples,
+                classes,
+                resolution=options.classifier_resolution,
+                epochs=options.classifier_epochs,
+                batch_size=options.batch_size,
+                weights=options.classifier_weights,
+                device=options.device,
+                seed=options.seed,
+                progress=options.progress,
+            )
+            evaluation_fold = [s for s in real.test_set(c) if s.is_anomaly]
+            out["classification"] = classification_accuracy(
+                classifier,
+                evaluation_fold,
+                classes,
+                resolution=options.classifier_resolution,
+                device=options.device,
+            ).to_dict()
+    report = {
+        "generators": list(generators),
+        "categories": categories,
+        "settings": asdict(options),
+        "results": results,
+    }
+    return report, {c: v for c, v in curves.items() if v}
