@@ -65,7 +65,7 @@ def mask_png(record: Record, size: tuple[int, int]) -> bytes:
     if not record.masks:
         return zero_mask_png(size)
     first, mode = _read_mask(record.masks[0], size, record)
-    if len(record.masks) == 1 and mode == "L" and np.isin(first, (0, 255)).all():
+    if len(record.masks) == 1 and mode == "L" and not ((first != 0) & (first != 255)).any():
         return record.masks[0].read_bytes()  # already what we store (MVTec AD): no re-encoding
     union = first > 0
     for path in record.masks[1:]:
