@@ -56,11 +56,13 @@ def _child(args: argparse.Namespace) -> None:
             with Image.open(path) as image:
                 image.load()
             n += 1
+        seconds = time.perf_counter() - start
         extra = {"files": n}
     else:
         import datasets
 
         from mvtec_caption import export_dataset
+        from mvtec_caption.export import summarize
 
         datasets.disable_progress_bars()
         imports = time.perf_counter() - start  # a constant, reported apart from the build
@@ -69,11 +71,12 @@ def _child(args: argparse.Namespace) -> None:
         export_dataset(
             "ad", args.tree, args.output, args.captions, categories=categories, cache_dir=args.cache
         )
+        seconds = time.perf_counter() - start
         extra = {
+            "examples": sum(c["examples"] for c in summarize(args.output)["ad"]["splits"].values()),
             "import_seconds": round(imports, 2),
             "output_mb": round(sum(p.stat().st_size for p in Path(args.output).rglob("*")) / 2**20, 1),
         }
-    seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb, **extra}))
 
@@ -154,7 +157,7 @@ def main() -> None:
         )
         for label, run in runs.items():
             print(
-                f"build {label}: {run['seconds']:.1f} s (+{run['import_seconds']:.1f} s imports), export {run['output_mb']:.0f} MB, peak RSS {run['peak_rss_mb']:.0f} MB"
+                f"build {label} ({run['examples']} examples): {run['seconds']:.1f} s (+{run['import_seconds']:.1f} s imports), export {run['output_mb']:.0f} MB, peak RSS {run['peak_rss_mb']:.0f} MB"
             )
         print(f"ratio build / decode = {full['seconds'] / decode['seconds']:.2f}  (target <= 1.0)")
         print(json.dumps({"scale": args.scale, "files": decode["files"], "decode": decode, "builds": runs}))

@@ -40,15 +40,18 @@ def check_output_dir(output: str | Path) -> Path:
         raise MVTecCaptionError(f"--output {output} is a file, not a folder")
     if not output.exists():
         return output
-    source = next(output.rglob("*.py"), None)
+    entries = list(output.iterdir())
+    foreign = sorted(
+        p.name for p in entries if p.name not in _EXPORT_ENTRIES and not p.name.startswith(_STAGING)
+    )
+    source = next((p for p in entries if p.suffix == ".py"), None)
+    if source is None and not foreign:  # only an export's own entries: cheap to search them all
+        source = next(output.rglob("*.py"), None)
     if source is not None:
         raise MVTecCaptionError(
             f"Refusing to write the export into {output}: it holds Python source ({source}). "
             f"Choose another --output (default: {DEFAULT_OUTPUT})."
         )
-    foreign = sorted(
-        p.name for p in output.iterdir() if p.name not in _EXPORT_ENTRIES and not p.name.startswith(_STAGING)
-    )
     if foreign:
         raise MVTecCaptionError(
             f"Refusing to write the export into {output}: it holds {', '.join(foreign[:5])}, which an "
