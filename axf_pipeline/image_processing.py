@@ -54,7 +54,7 @@ def _pil_to_array(image: PIL.Image.Image, what: str, *, mask: bool) -> np.ndarra
 
 def _array_to_float(array: np.ndarray | torch.Tensor, what: str) -> torch.Tensor:
     """uint8 → /255; bool → {0, 1}; floats must already lie in [0, 1]."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array)) if isinstance(array, np.ndarray) else array
+    tensor = torch.from_numpy(np.array(array)) if isinstance(array, np.ndarray) else array
     if tensor.dtype == torch.bool:
         return tensor.float()
     if tensor.dtype == torch.uint8:
@@ -178,7 +178,7 @@ def check_same_sizes(
     images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], image_name="image", mask_name="mask_image"
 ):
     """Each mask must have its image's height and width (after broadcasting a single item)."""
-    n = max(len(images), len(masks))
+    n = resolve_batch_size(**{image_name: len(images), mask_name: len(masks)})
     for i in range(n):
         img = images[i if len(images) > 1 else 0]
         msk = masks[i if len(masks) > 1 else 0]

@@ -1,0 +1,444 @@
+"""AnomalyXFusionPipeline on tiny components (no network): diffusers' PipelineTesterMixin checks that run
+on a CPU, plus what this pipeline promises (exact background, masks returned, 4/9-channel UNets, reload)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from axf_pipeline import AnomalyXFusionPipeline, AnomalyXFusionPipelineOutput
+from axf_pipeline.tiny import build_tiny_components
+
+STEPS = 2
+
+
+def make_pipe(**kwargs) -> AnomalyXFusionPipeline:
+    pipe = AnomalyXFusionPipeline(**build_tiny_components(**kwargs))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return make_pipe()
+
+
+@pytest.fixture(scope="module")
+def pipe9():
+    return make_pipe(unet_in_channels=9)
+
+
+def image_and_mask(h=32, w=32, seed=0, box=(8, 20, 10, 22)):
+    rng = np.random.default_rng(seed)
+    image = PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    mask = np.zeros((h, w), np.uint8)
+    y1, y2, x1, x2 = box
+    mask[y1:y2, x1:x2] = 255
+    return image, PIL.Image.fromarray(mask)
+
+
+def inputs(seed=0, **overrides):
+    image, mask = image_and_mask()
+    args = dict(
+        prompt="a scratch",
+        image=image,
+        mask_image=mask,
+        num_inference_steps=STEPS,
+        guidance_scale=1.0,  # no guidance unless a test asks: half the UNet work on 2 shared cores
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    )
+    args.update(overrides)
+    return args
+
+
+def changed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a != b).any(axis=-1)
+
+
+# ---------------------------------------------------------------- the promise: exact background, masks out
+def test_outside_mask_is_exactly_the_input_and_inside_changes(pipe):
+    image, mask = image_and_mask()
+    out = pipe(**inputs(output_type="pil"))
+    assert isinstance(out, AnomalyXFusionPipelineOutput)
+    result, src, m = np.array(out.images[0]), np.array(image), np.array(mask) > 0
+    assert out.images[0].size == image.size
+    assert not changed(result, src)[~m].any()
+    assert changed(result, src)[m].mean() > 0.9
+    assert out.masks[0].mode == "L" and np.array_equal(np.array(out.masks[0]) > 0, m)
+
+
+def test_padding_mask_crop_on_a_non_square_image_keeps_size_and_background(pipe):
+    image, mask = image_and_mask(48, 80, box=(30, 36, 60, 70))
+    out = pipe(**inputs(image=image, mask_image=mask, padding_mask_crop=4, output_type="pil"))
+    result, src, m = np.array(out.images[0]), np.array(image), np.array(mask) > 0
+    assert result.shape == src.shape
+    assert not changed(result, src)[~m].any()
+    assert changed(result, src)[m].mean() > 0.9
+
+
+def test_np_output_keeps_float_input_exactly(pipe):
+    rng = np.random.default_rng(3)
+    image = rng.random((32, 32, 3)).astype(np.float32)
+    _, mask = image_and_mask()
+    out = pipe(**inputs(image=image, mask_image=mask))
+    m = np.array(mask) > 0
+    assert np.array_equal(out.images[0][~m], image[~m])
+    assert out.masks.shape == (1, 32, 32, 1)
+
+
+def test_same_seed_same_result_other_seed_differs(pipe):
+    a = pipe(**inputs(seed=1)).images
+    b = pipe(**inputs(seed=1)).images
+    c = pipe(**inputs(seed=2)).images
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_inpainting_unet_9_channels(pipe9):
+    image, mask = image_and_mask()
+    out = pipe9(**inputs(output_type="pil"))
+    m = np.array(mask) > 0
+    result = np.array(out.images[0])
+    assert not changed(result, np.array(image))[~m].any()
+    assert changed(result, np.array(image))[m].mean() > 0.9
+
+
+def test_strength_below_one_starts_from_the_image(pipe):
+    out = pipe(**inputs(strength=0.5, num_inference_steps=4))
+    assert out.images.shape == (1, 32, 32, 3)
+    with pytest.raises(ValueError, match="strength"):
+        pipe(**inputs(strength=1.5))
+
+
+# ---------------------------------------------------------------- PipelineTesterMixin-style checks
+def test_dict_and_tuple_outputs_match(pipe):
+    as_dict = pipe(**inputs())
+    images, masks = pipe(**inputs(), return_dict=False)
+    assert np.array_equal(as_dict.images, images) and np.array_equal(as_dict.masks, masks)
+
+
+def test_batch_equals_single_calls(pipe):
+    (image, mask), (image2, mask2) = image_and_mask(), image_and_mask(seed=1, box=(2, 12, 4, 30))
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    batched = pipe(
+        **inputs(
+            prompt=["a scratch", "a hole"], image=[image, image2], mask_image=[mask, mask2], generator=gens
+        )
+    )
+    single = pipe(
+        **inputs(prompt="a hole", image=image2, mask_image=mask2, generator=torch.Generator().manual_seed(6))
+    )
+    assert batched.images.shape == (2, 32, 32, 3)
+    np.testing.assert_allclose(batched.images[1], single.images[0], atol=1e-3)
+    assert np.array_equal(batched.masks[1, ..., 0] > 0, np.array(mask2) > 0)
+
+
+def test_num_images_per_prompt_is_input_major(pipe):
+    image2, mask2 = image_and_mask(seed=1, box=(2, 12, 4, 30))
+    image, mask = image_and_mask()
+    out = pipe(
+        **inputs(prompt=["a", "b"], image=[image, image2], mask_image=[mask, mask2], num_images_per_prompt=3)
+    )
+    assert out.images.shape == (6, 32, 32, 3) and out.masks.shape == (6, 32, 32, 1)
+    for j in range(6):
+        expected = np.array([mask, mask2][j // 3]) > 0
+        assert np.array_equal(out.masks[j, ..., 0] > 0, expected)
+    assert not np.array_equal(out.images[0], out.images[1])  # different noise per sample
+
+
+def test_classifier_free_guidance_is_one_batched_unet_call_per_step(pipe):
+    calls = {"unet": [], "ddf": 0, "mif": 0}
+    hooks = [
+        pipe.unet.register_forward_hook(lambda m, a, k: calls["unet"].append(a[0].shape[0])),
+        pipe.ddf.register_forward_hook(lambda *a: calls.__setitem__("ddf", calls["ddf"] + 1)),
+        pipe.mif.register_forward_hook(lambda *a: calls.__setitem__("mif", calls["mif"] + 1)),
+    ]
+    try:
+        guided = pipe(**inputs(guidance_scale=7.5))
+        assert calls == {"unet": [2] * STEPS, "ddf": STEPS, "mif": 1}
+        calls.update(unet=[], ddf=0, mif=0)
+        plain = pipe(**inputs(guidance_scale=1.0))
+        assert calls == {"unet": [1] * STEPS, "ddf": STEPS, "mif": 1}
+    finally:
+        for h in hooks:
+            h.remove()
+    assert not np.array_equal(guided.images, plain.images)
+    other_negative = pipe(**inputs(guidance_scale=7.5, negative_prompt="dust"))
+    assert not np.array_equal(guided.images, other_negative.images)
+
+
+def test_encode_prompt_in_isolation_gives_the_same_result(pipe):
+    embeds, neg, pooled, neg_pooled = pipe.encode_prompt("a scratch", torch.device("cpu"), 1, True)
+    assert embeds.shape[0] == pooled.shape[0] == 1 and neg.shape == embeds.shape
+    from_text = pipe(**inputs(guidance_scale=5.0))
+    from_embeds = pipe(
+        **inputs(prompt=None, guidance_scale=5.0),
+        prompt_embeds=embeds,
+        pooled_prompt_embeds=pooled,
+        negative_prompt_embeds=neg,
+        negative_pooled_prompt_embeds=neg_pooled,
+    )
+    np.testing.assert_allclose(from_text.images, from_embeds.images, atol=1e-5)
+    with pytest.raises(ValueError, match="pooled_prompt_embeds"):
+        pipe(**inputs(prompt=None), prompt_embeds=embeds)
+
+
+def test_callbacks_subset_all_modify_and_unknown(pipe):
+    seen = []
+
+    def subset(p, i, t, kwargs):
+        seen.append(sorted(kwargs))
+        return kwargs
+
+    pipe(**inputs(), callback_on_step_end=subset, callback_on_step_end_tensor_inputs=["latents", "x_embeds"])
+    assert seen == [["latents", "x_embeds"]] * STEPS
+
+    seen.clear()
+    everything = list(pipe._callback_tensor_inputs)
+    pipe(**inputs(), callback_on_step_end=subset, callback_on_step_end_tensor_inputs=everything)
+    assert seen == [sorted(everything)] * STEPS
+
+    def zero_last(p, i, t, kwargs):
+        if i == p.num_timesteps - 1:
+            kwargs["latents"] = torch.zeros_like(kwargs["latents"])
+        return kwargs
+
+    out = pipe(**inputs(output_type="latent"), callback_on_step_end=zero_last)
+    assert out.images.abs().sum() == 0
+    assert out.masks.shape[-2:] == (32 // pipe.vae_scale_factor,) * 2
+
+    with pytest.raises(ValueError, match="unknown"):
+        pipe(**inputs(), callback_on_step_end=subset, callback_on_step_end_tensor_inputs=["latents", "noise"])
+
+
+def test_reference_image_changes_output_and_needs_an_encoder(pipe):
+    rng = np.random.default_rng(7)
+    reference = PIL.Image.fromarray(rng.integers(0, 256, (40, 24, 3), dtype=np.uint8))
+    ref_mask = np.zeros((40, 24), np.uint8)
+    ref_mask[5:30, 4:20] = 1
+    without = pipe(**inputs()).images
+    with_ref = pipe(**inputs(reference_image=reference, reference_mask=ref_mask)).images
+    assert not np.array_equal(without, with_ref)
+    with pytest.raises(ValueError, match="reference_mask"):
+        pipe(**inputs(reference_mask=ref_mask))
+
+
+def test_dtype_move(pipe):
+    moved = AnomalyXFusionPipeline(**pipe.components)
+    moved.to(dtype=torch.float16)
+    dtypes = {name: c.dtype for name, c in moved.components.items() if isinstance(c, torch.nn.Module)}
+    assert set(dtypes) >= {"unet", "vae", "text_encoder", "image_encoder", "mif", "ddf"}
+    assert set(dtypes.values()) == {torch.float16}
+    pipe.to(dtype=torch.float32)  # shared modules: move back for the other tests
+    assert pipe.unet.dtype == torch.float32
+
+
+def test_cpu_offload_order_declares_every_model(pipe):
+    order = pipe.model_cpu_offload_seq.split("->")
+    modules = {n for n, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
+    assert modules <= set(order)
+    assert order.index("mif") < order.index("unet") and order.index("ddf") < order.index("unet")
+
+
+# ---------------------------------------------------------------- save / load
+def test_save_load_round_trip_and_model_index(pipe, tmp_path):
+    before = pipe(**inputs()).images
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["mif"] == ["axf_pipeline.models.multimodal_in_fusion", "MultiModalInFusion"]
+    assert index["ddf"] == ["axf_pipeline.models.dynamic_dif_fusion", "DynamicDifFusion"]
+    assert not list(tmp_path.rglob("*.bin")) and list((tmp_path / "mif").glob("*.safetensors"))
+    loaded = AnomalyXFusionPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(loaded(**inputs()).images, before, atol=1e-4)
+    with pytest.raises(ValueError, match="safetensors"):
+        AnomalyXFusionPipeline.from_pretrained(tmp_path, use_safetensors=False)
+
+
+def test_optional_components_none_round_trip(tmp_path):
+    pipe = make_pipe(use_ddf=False)
+    pipe.image_encoder = pipe.feature_extractor = None
+    pipe.register_modules(image_encoder=None, feature_extractor=None)
+    before = pipe(**inputs()).images
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["ddf"] == [None, None] and index["image_encoder"] == [None, None]
+    loaded = AnomalyXFusionPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.ddf is None and loaded.image_encoder is None
+    np.testing.assert_allclose(loaded(**inputs()).images, before, atol=1e-4)
+    with pytest.raises(ValueError, match="image_encoder"):
+        loaded(**inputs(reference_image=image_and_mask()[0]))
+
+
+def test_reload_in_a_fresh_process(pipe, tmp_path):
+    folder = tmp_path / "pipe"
+    pipe.save_pretrained(folder)
+    expected = pipe(**inputs(output_type="np")).images
+    np.save(tmp_path / "expected.npy", expected)
+    image, mask = image_and_mask()
+    image.save(tmp_path / "image.png")
+    mask.save(tmp_path / "mask.png")
+    script = textwrap.dedent(
+        f"""
+        import numpy as np, torch, PIL.Image
+        from axf_pipeline import AnomalyXFusionPipeline
+        pipe = AnomalyXFusionPipeline.from_pretrained({str(folder)!r})
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe("a scratch", image=PIL.Image.open({str(tmp_path / "image.png")!r}),
+                   mask_image=PIL.Image.open({str(tmp_path / "mask.png")!r}), num_inference_steps={STEPS},
+                   guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="np")
+        np.testing.assert_allclose(out.images, np.load({str(tmp_path / "expected.npy")!r}), atol=1e-5)
+        print("OK")
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-3000:]
+
+
+def test_push_to_hub_uploads_the_saved_folder(pipe, monkeypatch):
+    """diffusers' own push_to_hub, with the three network calls replaced (no network in tests)."""
+    from pathlib import Path
+
+    from diffusers.utils import hub_utils
+    from huggingface_hub import ModelCard
+
+    uploaded = {}
+
+    def fake_upload(self, working_dir, repo_id, **kwargs):
+        uploaded["repo"] = repo_id
+        uploaded["files"] = {
+            str(p.relative_to(working_dir)) for p in Path(working_dir).rglob("*") if p.is_file()
+        }
+
+    monkeypatch.setattr(
+        hub_utils, "create_repo", lambda repo_id, **kw: type("Repo", (), {"repo_id": repo_id})()
+    )
+    monkeypatch.setattr(hub_utils, "load_or_create_model_card", lambda repo_id, **kw: ModelCard("---\n---\n"))
+    monkeypatch.setattr(hub_utils.PushToHubMixin, "_upload_folder", fake_upload)
+    pipe.push_to_hub("someone/axf-tiny", token="x")
+    assert uploaded["repo"] == "someone/axf-tiny"
+    assert {"model_index.json", "mif/diffusion_pytorch_model.safetensors", "ddf/config.json"} <= uploaded[
+        "files"
+    ]
+
+
+# ---------------------------------------------------------------- from_base
+@pytest.mark.parametrize("channels", [4, 9])
+def test_from_base_local_folders(tmp_path, channels):
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
+
+    c = build_tiny_components(unet_in_channels=channels)
+    base_cls = StableDiffusionPipeline if channels == 4 else StableDiffusionInpaintPipeline
+    base = base_cls(
+        vae=c["vae"],
+        text_encoder=c["text_encoder"],
+        tokenizer=c["tokenizer"],
+        unet=c["unet"],
+        scheduler=c["scheduler"],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    base.save_pretrained(tmp_path / "sd")
+    c["image_encoder"].save_pretrained(tmp_path / "clip")
+    pipe = AnomalyXFusionPipeline.from_base(
+        str(tmp_path / "sd"),
+        image_encoder=str(tmp_path / "clip"),
+        num_tokens=3,
+        use_aggregator=False,
+        use_ddf=channels == 4,
+        mif_kwargs={"num_attention_heads": 4, "mask_encoder_channels": (8, 16)},
+    )
+    assert pipe.unet.config.in_channels == channels
+    assert pipe.mif.config.cross_attention_dim == pipe.unet.config.cross_attention_dim
+    assert pipe.mif.config.text_embed_dim == pipe.text_encoder.config.hidden_size
+    assert pipe.mif.config.image_embed_dim == pipe.image_encoder.config.projection_dim
+    assert pipe.mif.num_output_tokens == 9 and not pipe.mif.config.use_aggregator
+    assert (pipe.ddf is not None) == (channels == 4)
+    assert type(pipe.scheduler).__name__ == type(c["scheduler"]).__name__
+    torch.testing.assert_close(
+        pipe.unet.state_dict()["conv_in.weight"], c["unet"].state_dict()["conv_in.weight"]
+    )
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(**inputs(num_inference_steps=1))
+    assert out.images.shape == (1, 32, 32, 3)
+
+
+# ---------------------------------------------------------------- LoRA
+def test_lora_weights_load_and_change_the_output(pipe, tmp_path):
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    donor = build_tiny_components()["unet"]
+    donor.add_adapter(
+        LoraConfig(
+            r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False
+        )
+    )
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(donor))
+    AnomalyXFusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=layers, safe_serialization=True)
+
+    fresh = AnomalyXFusionPipeline(**build_tiny_components())
+    fresh.set_progress_bar_config(disable=True)
+    before = fresh(**inputs()).images
+    fresh.load_lora_weights(tmp_path)
+    after = fresh(**inputs()).images
+    assert not np.allclose(before, after, atol=1e-3)
+    m = np.array(image_and_mask()[1]) > 0
+    assert np.array_equal(before[0][~m], after[0][~m])  # still only inside the mask
+
+
+# ---------------------------------------------------------------- bad input: clear errors
+def test_bad_inputs_get_clear_errors(pipe):
+    image, mask = image_and_mask()
+    cases = [
+        (dict(mask_image=PIL.Image.new("L", (16, 32), 255)), "must match"),
+        (dict(mask_image=PIL.Image.new("L", (32, 32), 0)), "empty"),
+        (dict(mask_image=PIL.Image.new("RGB", (32, 32), (255, 255, 255))), "single-channel"),
+        (dict(mask_image=np.ones((32, 32, 3), np.uint8)), "single-channel"),
+        (dict(image=image.convert("RGBA")), "alpha"),
+        (dict(image=np.zeros((32, 32, 4), np.uint8)), "alpha"),
+        (dict(image=PIL.Image.fromarray(np.zeros((32, 32), np.uint16) + 300)), "16/32-bit"),
+        (dict(image=np.zeros((32, 32, 3), np.uint16)), "8-bit"),
+        (dict(image=torch.full((3, 32, 32), -1.0)), r"\[0, 1\]"),
+        (dict(prompt=["a", "b"], image=[image] * 3, mask_image=mask), "mismatched batch sizes"),
+        (dict(image=[image, image], mask_image=[mask] * 3), "mismatched batch sizes"),
+        (dict(height=31), "multiple of"),
+        (dict(padding_mask_crop=-1), "padding_mask_crop"),
+        (dict(output_type="jpg"), "output_type"),
+        (dict(image=None), "required"),
+        (dict(latents=torch.zeros(1, 4, 8, 8)), "latents must have shape"),
+        (dict(generator=[torch.Generator(), torch.Generator()]), "generators"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ValueError, match=message):
+            pipe(**inputs(**overrides))
+
+
+def test_soft_masks_are_binarised_any_nonzero_pixel_is_defect(pipe):
+    image, _ = image_and_mask()
+    soft = np.zeros((32, 32), np.uint8)
+    soft[8:20, 10:22] = 31  # e.g. a LOCO region mask stored with a value below 255
+    soft[8:20, 22] = 1  # an anti-aliased edge
+    out = pipe(**inputs(image=image, mask_image=soft, output_type="pil"))
+    returned = np.array(out.masks[0]) > 0
+    assert np.array_equal(returned, soft > 0)
+    assert not changed(np.array(out.images[0]), np.array(image))[~returned].any()
+
+
+def test_grayscale_input_is_replicated_to_rgb(pipe):
+    gray = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8), mode="L")
+    _, mask = image_and_mask()
+    out = pipe(**inputs(image=gray, mask_image=mask, output_type="pil"))
+    result, m = np.array(out.images[0]), np.array(mask) > 0
+    assert np.array_equal(result[~m], np.array(gray.convert("RGB"))[~m])
