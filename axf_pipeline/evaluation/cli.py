@@ -71,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lpips-weights", default=None, help=".safetensors VGG-16 for LPIPS (default: hub cache)"
     )
     parser.add_argument("--lpips-net", default="vgg", choices=("vgg", "alex"))
+    parser.add_argument(
+        "--lpips-resolution", type=int, default=256, help="IC-LPIPS image size (protocol: 256)"
+    )
     parser.add_argument("--max-cluster-size", type=int, default=50, help="IC-LPIPS cluster cap (0: no cap)")
     parser.add_argument("--small-clusters", default="skip", choices=("skip", "zero"))
     parser.add_argument(
@@ -104,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         inception_weights=args.inception_weights,
         lpips_weights=args.lpips_weights,
         lpips_net=args.lpips_net,
+        lpips_resolution=args.lpips_resolution,
         max_cluster_size=args.max_cluster_size or None,
         small_clusters=args.small_clusters,
         baseline_per_defect_type=args.baseline_per_defect_type,

@@ -30,6 +30,7 @@ class HarnessOptions:
     inception_weights: str | None = None
     lpips_weights: str | None = None
     lpips_net: str = "vgg"
+    lpips_resolution: int = 256
     max_cluster_size: int | None = 50
     small_clusters: str = "skip"
     baseline_per_defect_type: int = 0
@@ -106,6 +107,7 @@ def evaluate_generators(
                 weights=options.lpips_weights,
                 max_cluster_size=options.max_cluster_size,
                 small_clusters=options.small_clusters,
+                resolution=options.lpips_resolution,
                 seed=options.seed,
                 random_backbone=options.random_backbones,
                 device=options.device,
