@@ -262,6 +262,27 @@ def test_save_load_round_trip_and_model_index(pipe, tmp_path):
     with pytest.raises(ValueError, match="safetensors"):
         AnomalyXFusionPipeline.from_pretrained(tmp_path, use_safetensors=False)
 
+    # A fresh process (no trust_remote_code, nothing imported beforehand) loads it and gets the same result.
+    np.save(tmp_path / "expected.npy", before)
+    image, mask = image_and_mask()
+    image.save(tmp_path / "image.png")
+    mask.save(tmp_path / "mask.png")
+    script = textwrap.dedent(
+        f"""
+        import numpy as np, torch, PIL.Image
+        from axf_pipeline import AnomalyXFusionPipeline
+        pipe = AnomalyXFusionPipeline.from_pretrained({str(tmp_path)!r})
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe("a scratch", image=PIL.Image.open({str(tmp_path / "image.png")!r}),
+                   mask_image=PIL.Image.open({str(tmp_path / "mask.png")!r}), num_inference_steps={STEPS},
+                   guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="np")
+        np.testing.assert_allclose(out.images, np.load({str(tmp_path / "expected.npy")!r}), atol=1e-4)
+        print("OK")
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-3000:]
+
 
 def test_optional_components_none_round_trip(tmp_path):
     pipe = make_pipe(use_ddf=False)
@@ -277,31 +298,6 @@ def test_optional_components_none_round_trip(tmp_path):
     np.testing.assert_allclose(loaded(**inputs()).images, before, atol=1e-4)
     with pytest.raises(ValueError, match="image_encoder"):
         loaded(**inputs(reference_image=image_and_mask()[0]))
-
-
-def test_reload_in_a_fresh_process(pipe, tmp_path):
-    folder = tmp_path / "pipe"
-    pipe.save_pretrained(folder)
-    expected = pipe(**inputs(output_type="np")).images
-    np.save(tmp_path / "expected.npy", expected)
-    image, mask = image_and_mask()
-    image.save(tmp_path / "image.png")
-    mask.save(tmp_path / "mask.png")
-    script = textwrap.dedent(
-        f"""
-        import numpy as np, torch, PIL.Image
-        from axf_pipeline import AnomalyXFusionPipeline
-        pipe = AnomalyXFusionPipeline.from_pretrained({str(folder)!r})
-        pipe.set_progress_bar_config(disable=True)
-        out = pipe("a scratch", image=PIL.Image.open({str(tmp_path / "image.png")!r}),
-                   mask_image=PIL.Image.open({str(tmp_path / "mask.png")!r}), num_inference_steps={STEPS},
-                   guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="np")
-        np.testing.assert_allclose(out.images, np.load({str(tmp_path / "expected.npy")!r}), atol=1e-5)
-        print("OK")
-        """
-    )
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-3000:]
 
 
 def test_push_to_hub_uploads_the_saved_folder(pipe, monkeypatch):
