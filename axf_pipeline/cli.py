@@ -9,6 +9,10 @@ import sys
 # subcommand -> (module providing add_arguments(parser) and run(args) -> int, one-line help)
 SUBCOMMANDS = {
     "evaluate": ("axf_pipeline.evaluation.cli", "IS, IC-LPIPS and downstream AUROC/AP/F1-max reports"),
+    "generate": (
+        "axf_pipeline.generate",
+        "batch anomaly synthesis: folders of images + masks -> images + masks",
+    ),
 }
 
 

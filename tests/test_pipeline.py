@@ -438,3 +438,32 @@ def test_grayscale_input_is_replicated_to_rgb(pipe):
     out = pipe(**inputs(image=gray, mask_image=mask, output_type="pil"))
     result, m = np.array(out.images[0]), np.array(mask) > 0
     assert np.array_equal(result[~m], np.array(gray.convert("RGB"))[~m])
+
+
+# ---------------------------------------------------------------- `axf generate`
+def test_generate_command_writes_image_mask_pairs(pipe, tmp_path):
+    from axf_pipeline.cli import main
+
+    pipe.save_pretrained(tmp_path / "model")
+    (tmp_path / "good").mkdir()
+    (tmp_path / "masks").mkdir()
+    for i in range(2):
+        image, mask = image_and_mask(seed=i)
+        image.save(tmp_path / "good" / f"{i:03d}.png")
+        mask.save(tmp_path / "masks" / f"{i:03d}_mask.png")
+    argv = ["generate", "--model", str(tmp_path / "model"), "--images", str(tmp_path / "good")]
+    argv += ["--masks", str(tmp_path / "masks"), "--prompt", "a scratch", "--output", str(tmp_path / "out")]
+    argv += ["--steps", "1", "--guidance-scale", "1", "--num-per-image", "2", "--batch-size", "2"]
+    assert main(argv) == 0
+    records = [json.loads(line) for line in (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()]
+    assert [r["file_name"] for r in records] == ["000_0.png", "000_1.png", "001_0.png", "001_1.png"]
+    for r in records:
+        source = np.array(PIL.Image.open(r["source_image"]))
+        result = np.array(PIL.Image.open(tmp_path / "out" / r["file_name"]))
+        mask = np.array(PIL.Image.open(tmp_path / "out" / r["mask"])) > 0
+        assert np.array_equal(mask, np.array(PIL.Image.open(r["source_mask"])) > 0)
+        assert not changed(result, source)[~mask].any()
+
+    (tmp_path / "masks" / "001_mask.png").unlink()
+    with pytest.raises(FileNotFoundError, match="no mask for image .*001.png"):
+        main(argv)
