@@ -23,9 +23,6 @@ CATEGORIES = {"ad": AD_CATEGORIES, "loco": LOCO_CATEGORIES}
 GRAYSCALE_CATEGORIES = ("grid", "screw", "zipper")
 NORMAL = "good"
 
-# Which folders of a category feed which split; test also holds every defect type.
-SPLIT_FOLDERS = {"train": "train", "validation": "validation", "test": "test"}
-
 
 @dataclass(frozen=True)
 class Record:
@@ -51,12 +48,9 @@ class Record:
             return ""
         return "generator" if self.index < self.count // 3 else "evaluation"
 
-    def where(self) -> str:
-        return f"{self.category}/{self.defect_type} image {self.image} ({self.index + 1} of {self.count})"
-
 
 def find_data_root(path: str | Path, categories: Sequence[str]) -> Path:
-    """The folder holding the category folders: `path` itself or its single sub-folder (archives)."""
+    """The folder holding the category folders: `path` itself or one of its sub-folders (archives)."""
     path = Path(path)
     if not path.is_dir():
         raise MVTecCaptionError(f"data_dir {path} is not a folder nor an MVTec .tar.xz archive")
@@ -81,7 +75,7 @@ def _numbered_pngs(folder: Path) -> dict[int, Path]:
 
 
 def _normal_records(root: Path, split: str, category: str) -> Iterator[Record]:
-    folder = root / category / SPLIT_FOLDERS[split] / NORMAL
+    folder = root / category / split / NORMAL  # the split's folder is named after it
     if not folder.is_dir():
         raise MVTecCaptionError(f"{category}/{NORMAL}: folder {folder} of split {split!r} is missing")
     files = _numbered_pngs(folder)
