@@ -116,9 +116,13 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    real = RealData(args.real, args.real_config)
-    generators = {name: load_anomalies(path, args.generated_config) for name, path in args.generated}
-    report, curves = evaluate_generators(real, generators, options, args.categories)
+    try:
+        real = RealData(args.real, args.real_config)
+        generators = {name: load_anomalies(path, args.generated_config) for name, path in args.generated}
+        report, curves = evaluate_generators(real, generators, options, args.categories)
+    except (ValueError, FileNotFoundError) as err:  # bad input: say what is missing, no traceback
+        print(f"axf evaluate: error: {err}", file=sys.stderr)
+        return 2
     paths = write_report(report, curves, args.output)
     print(
         json.dumps({k: str(v) if not isinstance(v, list) else [str(p) for p in v] for k, v in paths.items()})
