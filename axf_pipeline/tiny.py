@@ -176,3 +176,30 @@ def build_tiny_components(
         "mif": mif,
         "ddf": ddf,
     }
+
+
+def save_tiny_base(folder: str | Path, components: dict) -> tuple[Path, Path]:
+    """Saves tiny components the way real checkpoints come: a Stable Diffusion folder (plain or
+    inpainting, by the UNet's ``in_channels``) and a CLIP vision folder. Returns ``(base, image_encoder)``."""
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
+
+    folder = Path(folder)
+    cls = (
+        StableDiffusionInpaintPipeline
+        if components["unet"].config.in_channels == 9
+        else StableDiffusionPipeline
+    )
+    base = cls(
+        vae=components["vae"],
+        text_encoder=components["text_encoder"],
+        tokenizer=components["tokenizer"],
+        unet=components["unet"],
+        scheduler=components["scheduler"],
+        safety_checker=None,
+        feature_extractor=components["feature_extractor"],
+        requires_safety_checker=False,
+    )
+    base.save_pretrained(folder / "base", safe_serialization=True)
+    components["image_encoder"].save_pretrained(folder / "image_encoder", safe_serialization=True)
+    components["feature_extractor"].save_pretrained(folder / "image_encoder")
+    return folder / "base", folder / "image_encoder"

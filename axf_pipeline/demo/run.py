@@ -1,0 +1,317 @@
+"""The README's main job: dataset → training → synthesis → measurement, offline, on two CPU cores.
+
+1. generate a toy captioned-defect set in MVTec layout (colour and shape named in the caption);
+2. build it with the ``mvtec_caption`` builder, export it, load it back with ``load_dataset``;
+3. train a tiny AnomalyXFusion with the code ``accelerate launch train.py`` runs (after a short VAE
+   pre-training, since nothing pretrained can be downloaded here);
+4. synthesise on held-out normal images one defect per caption and mask, with a reference defect whose
+   colour and shape both differ from the caption's, so only the text can carry them;
+5. measure text controllability from the pixels inside the mask, the change outside it, IC-LPIPS;
+6. write a picture grid, the metrics as JSON, and a summary.
+
+``--ablation`` repeats 3–5 for the switches of paper table 6 and writes one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .measure import outside_mask_change, read_defect
+from .toy_data import CATEGORY, COLOURS, SHAPES, caption_for, make_toy_tree, square_mask, vocabulary
+
+# name -> train.py ablation flags (paper table 6)
+ABLATIONS = {
+    "no text": ["--no_text", "--no_mif", "--no_ddf"],
+    "text": ["--no_mif", "--no_ddf"],
+    "text + MIF": ["--no_ddf"],
+    "text + DDF": ["--no_mif"],
+    "all (AnomalyXFusion)": [],
+}
+
+
+def log(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+# ---- 1-2: data ---------------------------------------------------------------------------------------
+def build_dataset(work: Path, size: int, per_type: int, seed: int):
+    from datasets import load_dataset
+
+    from mvtec_caption import export_dataset
+
+    toy = make_toy_tree(work / "toy", size=size, anomalies_per_type=per_type, seed=seed)
+    export = export_dataset("ad", toy.root, output=work / "mvtec_caption", captions=toy.captions_path)
+    dataset = load_dataset(str(export), "ad")
+    log(f"MVTec Caption (toy) built into {export}: " + ", ".join(f"{k}={len(v)}" for k, v in dataset.items()))
+    return toy, export, dataset
+
+
+# ---- 3: model ---------------------------------------------------------------------------------------
+def tiny_base(work: Path, toy, size: int, vae_steps: int, seed: int) -> tuple[Path, Path]:
+    """A from-scratch Stable-Diffusion-layout checkpoint whose VAE has learnt to reconstruct the toy set."""
+    from ..tiny import build_tiny_components, save_tiny_base
+    from .vae import pretrain_vae
+
+    components = build_tiny_components(sample_size=size, words=vocabulary(), seed=seed)
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(toy.root.glob(f"{CATEGORY}/**/*.png"))]
+    images = [im for im in images if im.ndim == 3]
+    losses = pretrain_vae(components["vae"], images, steps=vae_steps, seed=seed)
+    log(f"VAE pre-trained: L1 {losses[0]:.3f} -> {np.mean(losses[-20:]):.3f}")
+    return save_tiny_base(work / "base", components)
+
+
+def train_model(
+    work: Path, name: str, flags: list[str], base: Path, encoder: Path, export: Path, args
+) -> Path:
+    from ..training import parse_args
+    from ..training.loop import train
+
+    out = work / "runs" / name.replace(" ", "_").replace("+", "plus").replace("(", "").replace(")", "")
+    if out.exists():
+        shutil.rmtree(out)
+    argv = [
+        "--pretrained_model_name_or_path", str(base),
+        "--image_encoder", str(encoder),
+        "--dataset_name", str(export),
+        "--dataset_config", "ad",
+        "--output_dir", str(out),
+        "--resolution", str(args.size),
+        "--train_unet", "full",
+        "--train_batch_size", str(args.batch_size),
+        "--learning_rate", str(args.learning_rate),
+        "--lr_scheduler", "cosine",
+        "--lr_warmup_steps", "20",
+        "--max_train_steps", str(args.train_steps),
+        "--checkpointing_steps", str(args.train_steps),
+        "--checkpoints_total_limit", "1",
+        "--validation_steps", "0",
+        "--report_to", "tensorboard",
+        "--crop_jitter", "0",
+        "--seed", str(args.seed),
+        *flags,
+    ]  # fmt: skip
+    started = time.perf_counter()
+    train(parse_args(argv))
+    log(f"trained '{name}' for {args.train_steps} steps in {time.perf_counter() - started:.0f} s -> {out}")
+    return out
+
+
+# ---- 4: synthesis -----------------------------------------------------------------------------------
+def synthesis_jobs(toy, dataset, size: int, seed: int) -> list[dict]:
+    """Every held-out normal image gets every caption once, each with its own square mask and a
+    reference defect from the generator fold whose colour and shape both differ from the caption's."""
+    rng = np.random.default_rng(seed + 1)
+    test = dataset["test"]
+    refs = [
+        r
+        for r in test.select_columns(["defect_type", "fold", "is_anomaly"]).to_list()
+        if r["is_anomaly"] and r["fold"] == "generator"
+    ]
+    ref_index = [i for i, r in enumerate(test.select_columns(["is_anomaly", "fold"]).to_list())
+                 if r["is_anomaly"] and r["fold"] == "generator"]  # fmt: skip
+    jobs = []
+    for path in toy.held_out_normals:
+        normal = np.asarray(Image.open(path).convert("RGB"))
+        for colour in COLOURS:
+            for shape in SHAPES:
+                choices = [
+                    i
+                    for i, r in zip(ref_index, refs, strict=True)
+                    if not r["defect_type"].startswith(colour + "_")
+                    and not r["defect_type"].endswith("_" + shape)
+                ]
+                ref = test[int(rng.choice(choices))]
+                jobs.append(
+                    {
+                        "normal": normal,
+                        "mask": square_mask(rng, size, 12),
+                        "caption": caption_for(colour, shape),
+                        "colour": colour,
+                        "shape": shape,
+                        "reference": ref["image"].convert("RGB"),
+                        "reference_mask": ref["mask"],
+                        "reference_type": ref["defect_type"],
+                    }
+                )
+    return jobs
+
+
+@torch.no_grad()
+def synthesise(pipe, jobs: list[dict], steps: int, guidance: float, batch: int, seed: int) -> None:
+    from tqdm.auto import tqdm
+
+    pipe.set_progress_bar_config(disable=True)
+    for start in tqdm(range(0, len(jobs), batch), desc="synthesis"):
+        chunk = jobs[start : start + batch]
+        out = pipe(
+            prompt=[j["caption"] for j in chunk],
+            image=[Image.fromarray(j["normal"]) for j in chunk],
+            mask_image=[Image.fromarray(j["mask"]) for j in chunk],
+            reference_image=[j["reference"] for j in chunk],
+            reference_mask=[j["reference_mask"] for j in chunk],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(seed + start),
+        )
+        for job, image in zip(chunk, out.images, strict=True):
+            job["generated"] = np.asarray(image.convert("RGB"))
+
+
+# ---- 5: measurement ---------------------------------------------------------------------------------
+def measure(jobs: list[dict]) -> dict:
+    colour_ok = shape_ok = both_ok = 0
+    worst_outside = 0
+    for job in jobs:
+        colour, shape, fraction = read_defect(job["generated"], job["normal"], job["mask"])
+        job["measured"] = f"{colour} {shape}"
+        colour_ok += colour == job["colour"]
+        shape_ok += shape == job["shape"]
+        both_ok += colour == job["colour"] and shape == job["shape"]
+        worst_outside = max(worst_outside, outside_mask_change(job["generated"], job["normal"], job["mask"]))
+    n = len(jobs)
+    return {
+        "num_generated": n,
+        "text_controllability": both_ok / n,
+        "colour_accuracy": colour_ok / n,
+        "shape_accuracy": shape_ok / n,
+        "chance_level": 1 / (len(COLOURS) * len(SHAPES)),
+        "max_outside_mask_change": worst_outside,
+    }
+
+
+def ic_lpips_random_backbone(jobs: list[dict], dataset) -> dict:
+    """IC-LPIPS per defect type against the generator fold, with a random (not pretrained) backbone:
+    the weights cannot be downloaded here, so the number is labelled as not a real score."""
+    from ..evaluation import ic_lpips
+
+    test = dataset["test"]
+    centres: dict[str, list] = {}
+    for row in test:
+        if row["is_anomaly"] and row["fold"] == "generator":
+            centres.setdefault(row["defect_type"], []).append(row["image"].convert("RGB"))
+    generated: dict[str, list] = {}
+    for job in jobs:
+        generated.setdefault(f"{job['colour']}_{job['shape']}", []).append(Image.fromarray(job["generated"]))
+    result = ic_lpips(generated, centres, random_backbone=True, resolution=64, progress=False).to_dict()
+    result.pop("clusters", None)
+    return result
+
+
+# ---- 6: pictures ------------------------------------------------------------------------------------
+def write_grid(jobs: list[dict], path: Path, rows: int = 16, scale: int = 3) -> Path:
+    """normal | mask | caption | generated, one row per job (a spread over captions)."""
+    picked = jobs[:: max(1, len(jobs) // rows)][:rows]
+    cell = picked[0]["normal"].shape[0] * scale
+    text_w = 5 * cell
+    grid = Image.new("RGB", (3 * cell + text_w, cell * len(picked)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, job in enumerate(picked):
+        y = r * cell
+        for c, array in enumerate((job["normal"], job["mask"])):
+            grid.paste(
+                Image.fromarray(array).convert("RGB").resize((cell, cell), Image.NEAREST), (c * cell, y)
+            )
+        draw.text((2 * cell + 4, y + 4), job["caption"], fill="black")
+        draw.text((2 * cell + 4, y + cell // 2), f"measured: {job['measured']}", fill="gray")
+        grid.paste(
+            Image.fromarray(job["generated"]).resize((cell, cell), Image.NEAREST), (2 * cell + text_w, y)
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def run_one(name: str, flags: list[str], work: Path, base, encoder, export, toy, dataset, args) -> dict:
+    from .. import AnomalyXFusionPipeline
+
+    out = train_model(work, name, flags, base, encoder, export, args)
+    pipe = AnomalyXFusionPipeline.from_pretrained(out)
+    jobs = synthesis_jobs(toy, dataset, args.size, args.seed)
+    synthesise(pipe, jobs, args.inference_steps, args.guidance_scale, args.synthesis_batch, args.seed)
+    metrics = {"model": name, **measure(jobs)}
+    metrics["grid"] = str(write_grid(jobs, work / "grids" / f"{out.name}.png"))
+    metrics["pipeline"] = str(out)
+    return metrics, jobs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output_dir", default="outputs/demo", help="Everything the run writes goes here.")
+    p.add_argument("--ablation", action="store_true", help="Run the five models of paper table 6.")
+    p.add_argument("--size", type=int, default=32, help="Toy image size in pixels.")
+    p.add_argument("--anomalies_per_type", type=int, default=30)
+    p.add_argument("--vae_steps", type=int, default=300)
+    p.add_argument("--train_steps", type=int, default=1200)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--inference_steps", type=int, default=20)
+    p.add_argument("--guidance_scale", type=float, default=3.0)
+    p.add_argument("--synthesis_batch", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrained_model_name_or_path", default=None,
+                   help="A real Stable Diffusion checkpoint (Hub id or folder) instead of the tiny from-scratch one.")  # fmt: skip
+    p.add_argument(
+        "--image_encoder",
+        default=None,
+        help="CLIP vision encoder to go with --pretrained_model_name_or_path.",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if (args.pretrained_model_name_or_path is None) != (args.image_encoder is None):
+        raise SystemExit("--pretrained_model_name_or_path and --image_encoder go together")
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    work = Path(args.output_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    log(f"[1-2/6] toy MVTec Caption set -> {work}")
+    toy, export, dataset = build_dataset(work, args.size, args.anomalies_per_type, args.seed)
+    if args.pretrained_model_name_or_path:
+        base, encoder = args.pretrained_model_name_or_path, args.image_encoder
+    else:
+        log("[3/6] tiny from-scratch base model (VAE pre-training)")
+        base, encoder = tiny_base(work, toy, args.size, args.vae_steps, args.seed)
+    models = ABLATIONS if args.ablation else {"all (AnomalyXFusion)": []}
+    results = []
+    for name, flags in models.items():
+        log(f"[3-5/6] {name}: train, synthesise, measure")
+        metrics, jobs = run_one(name, flags, work, base, encoder, export, toy, dataset, args)
+        results.append(metrics)
+    metrics["ic_lpips_random_backbone"] = ic_lpips_random_backbone(jobs, dataset)
+    report = {
+        "results": results,
+        "seconds": round(time.perf_counter() - started, 1),
+        "settings": vars(args),
+    }
+    (work / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
+    table = [
+        "| model | text controllability | colour | shape | max change outside mask |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        table.append(
+            f"| {r['model']} | {r['text_controllability']:.3f} | {r['colour_accuracy']:.3f} | "
+            f"{r['shape_accuracy']:.3f} | {r['max_outside_mask_change']} |"
+        )
+    (work / "results.md").write_text("\n".join(table) + "\n")
+    log(f"[6/6] done in {report['seconds']:.0f} s")
+    print("\n".join(table))
+    log(f"grid(s): {', '.join(r['grid'] for r in results)}")
+    log(f"metrics: {work / 'metrics.json'}  table: {work / 'results.md'}")
+    log(f"chance level for controllability: {results[0]['chance_level']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
