@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,10 +50,17 @@ def load_base_pipeline(args: argparse.Namespace, torch_dtype: torch.dtype | None
     )
 
 
-def train(args: argparse.Namespace) -> Path:
-    """Runs the whole training; returns the output folder holding the saved pipeline."""
+@dataclass
+class TrainingResult:
+    output_dir: Path
+    global_step: int
+    pipeline: object  # the pipeline trained in place (its unet still carries an unfused LoRA if any)
+
+
+def train(args: argparse.Namespace) -> TrainingResult:
+    """Runs the whole training; the saved pipeline is in ``output_dir``."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
@@ -80,6 +88,7 @@ def train(args: argparse.Namespace) -> Path:
         args.train_fold,
         source=f"--dataset_name {args.dataset_name!r}",
     )
+    set_seed(args.seed)  # fresh MIF/DDF (and LoRA) initialisations are reproducible
     pipe = load_base_pipeline(args)
     components = pipe.components
     check_resolution(args.resolution, components["vae"], components["unet"])
@@ -237,4 +246,4 @@ def train(args: argparse.Namespace) -> Path:
         )
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return output_dir
+    return TrainingResult(output_dir, global_step, pipe)

@@ -113,14 +113,14 @@ def set_trainable(
         components[name].requires_grad_(False)
         components[name].eval()
         frozen = name != "unet" or train_unet != "full"
-        components[name].to(device=device, dtype=weight_dtype if frozen else torch.float32)
+        _move(components[name], device, weight_dtype if frozen else torch.float32)
     mif, ddf = components["mif"], components["ddf"]
-    mif.to(device=device, dtype=torch.float32)
+    _move(mif, device, torch.float32)
     mif.requires_grad_(True).train()
     if not mif.config.use_semantic:
         mif.semantic_proj.requires_grad_(False)  # unused without text; DDP rejects unused trainables
     if ddf is not None:
-        ddf.to(device=device, dtype=torch.float32)
+        _move(ddf, device, torch.float32)
         ddf.requires_grad_(True).train()
     unet = components["unet"]
     if train_unet == "full":
@@ -139,6 +139,12 @@ def set_trainable(
         for p in unet.parameters():
             if p.requires_grad:
                 p.data = p.data.to(device=device, dtype=torch.float32)  # trained LoRA weights stay fp32
+
+
+def _move(module, device, dtype) -> None:
+    module.to(device)
+    if module.dtype != dtype:  # diffusers warns on a no-op dtype cast
+        module.to(dtype)
 
 
 @dataclass

@@ -1,0 +1,321 @@
+"""Training (`train.py`, `axf_pipeline.training`) on tiny components and a tiny MVTec Caption export, CPU only."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from axf_pipeline.tiny import build_tiny_components
+from axf_pipeline.training import TrainingInputError, main, parse_args
+from axf_pipeline.training.checkpointing import STATE_FILE, WEIGHTS_FILE, list_checkpoints
+from axf_pipeline.training.data import (
+    AnomalyTrainingDataset,
+    EpochBatchSampler,
+    collate,
+    load_mvtec_caption,
+    select_training_data,
+)
+from axf_pipeline.training.loop import train
+from axf_pipeline.training.model import (
+    BatchEncoder,
+    XFusionDenoiser,
+    compute_loss,
+    set_trainable,
+    step_generator,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def write_tiny_base(folder: Path, words) -> tuple[Path, Path]:
+    """A Stable Diffusion checkpoint folder and a CLIP vision folder made of the shared tiny components."""
+    from diffusers import StableDiffusionPipeline
+
+    c = build_tiny_components(words=words, scheduler="ddpm")
+    StableDiffusionPipeline(
+        vae=c["vae"],
+        text_encoder=c["text_encoder"],
+        tokenizer=c["tokenizer"],
+        unet=c["unet"],
+        scheduler=c["scheduler"],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(folder / "base")
+    c["image_encoder"].save_pretrained(folder / "image_encoder")
+    c["feature_extractor"].save_pretrained(folder / "image_encoder")
+    return folder / "base", folder / "image_encoder"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on shared cores: one thread is several times faster than oversubscribed ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fixture(tmp_path_factory):
+    from mvtec_caption import export_dataset, make_sample_tree
+
+    root = tmp_path_factory.mktemp("training")
+    tree = make_sample_tree(root / "tree", "ad", captions_path=root / "captions.json", scale=0.04)
+    export_dataset(
+        "ad", tree.root, root / "export", captions=root / "captions.json", cache_dir=root / "cache"
+    )
+    words = {
+        w.strip(".:").lower()
+        for d in tree.captions.values()
+        for c in d.values()
+        for s in c
+        for w in s.split()
+    }
+    base, encoder = write_tiny_base(root, words)
+    return {
+        "root": root,
+        "dataset": root / "export",
+        "cache": root / "cache",
+        "base": base,
+        "encoder": encoder,
+    }
+
+
+def argv(fx, output_dir, *extra):
+    return [
+        "--pretrained_model_name_or_path", str(fx["base"]),
+        "--image_encoder", str(fx["encoder"]),
+        "--dataset_name", str(fx["dataset"]),
+        "--dataset_config", "ad",
+        "--cache_dir", str(fx["cache"]),
+        "--output_dir", str(output_dir),
+        "--resolution", "32",
+        "--train_batch_size", "2",
+        "--learning_rate", "1e-2",
+        "--lora_rank", "2",
+        "--validation_steps", "0",
+        "--report_to", "none",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_fixed_batch_loss_goes_down_and_only_trained_params_change(fixture):
+    data = select_training_data(load_mvtec_caption(str(fixture["dataset"]), "ad", str(fixture["cache"])))
+    dataset = AnomalyTrainingDataset(
+        data.train, 32, crop_jitter=0, random_flip=False, reference_drop_prob=0, caption_drop_prob=0
+    )
+    batch = collate([dataset[i] for i in range(4)])
+    c = build_tiny_components(scheduler="ddpm")
+    before = {
+        name: {k: v.clone() for k, v in c[name].state_dict().items()}
+        for name in ("vae", "text_encoder", "image_encoder", "unet", "mif", "ddf")
+    }
+    set_trainable(c, lora_rank=2)
+    denoiser = XFusionDenoiser(c["unet"], c["mif"], c["ddf"])
+    optimizer = torch.optim.AdamW([p for p in denoiser.parameters() if p.requires_grad], lr=1e-2)
+    encoder = BatchEncoder(
+        c["vae"],
+        c["text_encoder"],
+        c["tokenizer"],
+        c["image_encoder"],
+        c["feature_extractor"],
+        c["scheduler"],
+    )
+    losses = []
+    for _ in range(30):  # same batch, same noise and timesteps: the trained parameters must fit it
+        loss = compute_loss(denoiser, encoder(batch, step_generator(0, 0, 0)), 1.0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.75 * losses[0], losses
+    for name in ("vae", "text_encoder", "image_encoder"):
+        after = c[name].state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before[name].items()), name
+    unet_after = {
+        k.replace(".base_layer", ""): v for k, v in c["unet"].state_dict().items() if "lora_" not in k
+    }
+    assert all(torch.equal(unet_after[k], v) for k, v in before["unet"].items()), "base UNet changed"
+    for name in ("mif", "ddf"):
+        after = c[name].state_dict()
+        assert any(not torch.equal(after[k], v) for k, v in before[name].items()), f"{name} did not train"
+
+
+@pytest.fixture(scope="module")
+def trained(fixture):
+    out = fixture["root"] / "run_a"
+    result = train(
+        parse_args(
+            argv(
+                fixture,
+                out,
+                "--max_train_steps",
+                "6",
+                "--checkpointing_steps",
+                "2",
+                "--checkpoints_total_limit",
+                "2",
+                "--validation_steps",
+                "6",
+                "--num_validation_images",
+                "1",
+                "--validation_inference_steps",
+                "2",
+                "--report_to",
+                "tensorboard",
+            )
+        )
+    )
+    return out, result
+
+
+def test_run_saves_a_loadable_pipeline_that_differs_from_untrained(fixture, trained):
+    from accelerate.utils import set_seed
+
+    from axf_pipeline import AnomalyXFusionPipeline
+
+    out, result = trained
+    assert result.global_step == 6
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4", "checkpoint-6"]  # total limit 2
+    assert (out / "validation" / "step-000006.png").is_file()
+    assert list((out / "logs").rglob("events.out.tfevents*")), "no TensorBoard log"
+    card = (out / "README.md").read_text()
+    assert "cc-by-nc-sa-4.0" in card and "| steps | 6 " in card and str(fixture["base"]) in card
+    assert (out / "unet_lora" / "pytorch_lora_weights.safetensors").is_file()
+
+    loaded = AnomalyXFusionPipeline.from_pretrained(out)
+    assert not any("lora" in k for k in loaded.unet.state_dict()), "saved UNet carries an unfused adapter"
+    # The saved MIF/DDF are the trained ones of the last checkpoint.
+    final = load_file(out / "checkpoint-6" / WEIGHTS_FILE)
+    assert torch.equal(loaded.mif.state_dict()["location_fc.weight"], final["mif.location_fc.weight"])
+    assert torch.equal(loaded.ddf.state_dict()["mlp.2.weight"], final["ddf.mlp.2.weight"])
+    # Frozen towers are saved bit-identical to the base.
+    base_vae = load_file(fixture["base"] / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(loaded.vae.state_dict()[k], v) for k, v in base_vae.items())
+
+    set_seed(0)  # the same fresh initialisation the run started from
+    untrained = AnomalyXFusionPipeline.from_base(str(fixture["base"]), image_encoder=str(fixture["encoder"]))
+    data = load_mvtec_caption(str(fixture["dataset"]), "ad", str(fixture["cache"]))
+    row = data.filter(lambda anomalous: anomalous, input_columns=["is_anomaly"])[0]
+    kwargs = dict(
+        prompt=row["caption"],
+        image=row["image"],
+        mask_image=row["mask"],
+        reference_image=row["image"],
+        reference_mask=row["mask"],
+        height=32,
+        width=32,
+        num_inference_steps=3,
+        output_type="pt",
+    )
+    a = loaded(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    b = untrained(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_killed_run_resumes_to_the_same_weights(fixture, trained):
+    out = fixture["root"] / "run_b"
+    args = argv(fixture, out, "--max_train_steps", "6", "--checkpointing_steps", "2")
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args],
+        env=ENV,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not (out / "checkpoint-2").is_dir():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (out / "model_index.json").exists()
+    done = [int(p.name.split("-")[1]) for p in list_checkpoints(out)]
+    assert done and max(done) < 6, f"killed too late to test resuming: {done}"
+
+    result = train(parse_args([*args, "--resume_from_checkpoint", "latest"]))
+    assert result.global_step == 6
+    assert json.loads((out / "checkpoint-6" / STATE_FILE).read_text())["global_step"] == 6
+    resumed = load_file(out / "checkpoint-6" / WEIGHTS_FILE)
+    reference = load_file(trained[0] / "checkpoint-6" / WEIGHTS_FILE)
+    assert resumed.keys() == reference.keys() and any("lora" in k for k in resumed)
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def test_two_process_accelerate_launch_saves_once(fixture):
+    out = fixture["root"] / "ddp"
+    # accelerate's `--cpu` alone starts one process; torchrun (`--multi_gpu`) with ACCELERATE_USE_CPU starts
+    # real gloo DDP processes on a machine without GPUs.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train.py"), *argv(fixture, out, "--max_train_steps", "2", "--checkpointing_steps", "2")]  # fmt: skip
+    env = {**ENV, "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("Saved the pipeline to") == 1
+    assert "2 processes x batch 2" in proc.stderr
+    assert {p.name for p in (out / "checkpoint-2").glob("random_states_*.pkl")} == {
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    }
+    assert (out / "model_index.json").is_file()
+
+
+def test_sampler_deals_disjoint_batches_and_skips_exactly():
+    full = EpochBatchSampler(10, 2, num_replicas=2, rank=0, seed=3)
+    other = EpochBatchSampler(10, 2, num_replicas=2, rank=1, seed=3)
+    full.set_epoch(1)
+    other.set_epoch(1)
+    a, b = list(full), list(other)
+    assert len(a) == len(b) == 3 and not set(sum(a[:2], [])) & set(sum(b[:2], []))
+    full.set_epoch(1, skip=2)
+    assert list(full) == a[2:]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--resolution": "30"}, "--resolution 30 is not a multiple of 4"),
+        ({"--resume_from_checkpoint": "/nonexistent/checkpoint-9"}, "--resume_from_checkpoint"),
+        ({"--categories": "bottle", "--defect_types": "bent"}, "No anomalies to train on"),
+        ({"--categories": "cable"}, r"--categories \['cable'\] not in"),
+        ({"--lora_rank": "4", "--train_unet": "full"}, "exclude each other"),
+        ({"drop": "mask"}, r"lacks the column\(s\) \['mask'\]"),
+        ({"drop": "caption"}, r"lacks the column\(s\) \['caption'\]"),
+        ({"base": "no_unet"}, "unet"),
+    ],
+)
+def test_bad_input_fails_at_start_up(fixture, tmp_path, change, message):
+    change = dict(change)
+    args = argv(fixture, tmp_path / "out", "--max_train_steps", "1")
+    if "drop" in change:
+        data = load_mvtec_caption(str(fixture["dataset"]), "ad", str(fixture["cache"]))
+        folder = tmp_path / "data"
+        folder.mkdir()
+        data.remove_columns(change.pop("drop")).to_parquet(str(folder / "train.parquet"))
+        args[args.index("--dataset_name") + 1] = str(folder)
+        args[args.index("--dataset_config") + 1] = "default"
+    if "base" in change:
+        change.pop("base")
+        broken = tmp_path / "base"
+        shutil.copytree(fixture["base"], broken)
+        shutil.rmtree(broken / "unet")
+        args[args.index("--pretrained_model_name_or_path") + 1] = str(broken)
+    for flag, value in change.items():
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    with pytest.raises(TrainingInputError, match=message):
+        main(args)
+    assert not (tmp_path / "out" / "model_index.json").exists()
