@@ -319,3 +319,43 @@ def test_bad_input_fails_at_start_up(fixture, tmp_path, change, message):
     with pytest.raises(TrainingInputError, match=message):
         main(args)
     assert not (tmp_path / "out" / "model_index.json").exists()
+
+
+def test_crop_keeps_native_detail_and_the_defect_with_its_mask():
+    import numpy as np
+    from PIL import Image
+
+    from axf_pipeline.training.data import crop_around_mask
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (100, 240, 3), dtype=np.uint8)  # non-square, LOCO-like
+    mask = np.zeros((100, 240), np.uint8)
+    mask[70:80, 200:215] = 255  # a small defect near the right edge
+    image_crop, mask_crop, (w, h, x0, y0, _, flipped) = crop_around_mask(
+        Image.fromarray(pixels), Image.fromarray(mask), 32, rng, jitter=0.5, flip=True
+    )
+    assert (w, h) == (240, 100) and image_crop.size == mask_crop.size == (32, 32)  # no rescaling
+    expected = pixels[y0 : y0 + 32, x0 : x0 + 32][:, ::-1]
+    assert np.array_equal(np.asarray(image_crop), expected) and flipped
+    assert np.array_equal(np.asarray(mask_crop), mask[y0 : y0 + 32, x0 : x0 + 32][:, ::-1])
+    assert np.asarray(mask_crop).any()
+    # A defect larger than the crop: the image is scaled down until the defect fits.
+    big = np.zeros((100, 240), np.uint8)
+    big[10:90, 20:220] = 255
+    _, big_crop, (w, h, *_rest) = crop_around_mask(Image.fromarray(pixels), Image.fromarray(big), 32, rng)
+    assert h == 32 and np.asarray(big_crop).any()
+
+
+def test_cached_latents_give_the_same_step_inputs(fixture):
+    data = select_training_data(load_mvtec_caption(str(fixture["dataset"]), "ad", str(fixture["cache"])))
+    dataset = AnomalyTrainingDataset(data.train, 32)
+    batch = collate([dataset[i] for i in range(2)])
+    c = build_tiny_components(scheduler="ddpm")
+    parts = [
+        c[k] for k in ("vae", "text_encoder", "tokenizer", "image_encoder", "feature_extractor", "scheduler")
+    ]
+    plain, cached = BatchEncoder(*parts), BatchEncoder(*parts, cache_latents=True)
+    cached(batch, step_generator(0, 0, 0))  # fills the cache
+    a, b = plain(batch, step_generator(0, 1, 0)), cached(batch, step_generator(0, 1, 0))
+    assert len(cached._latents) == 2
+    assert torch.equal(a.noisy_latents, b.noisy_latents) and torch.equal(a.target, b.target)
