@@ -227,7 +227,7 @@ def test_run_saves_a_loadable_pipeline_that_differs_from_untrained(fixture, trai
 
 def test_killed_run_resumes_to_the_same_weights(fixture, trained):
     out = fixture["root"] / "run_b"
-    args = argv(fixture, out, "--max_train_steps", "6", "--checkpointing_steps", "2")
+    args = argv(fixture, out, "--max_train_steps", "6", "--checkpointing_steps", "2", "--no-fuse_lora")
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *args],
         env=ENV,
@@ -252,6 +252,20 @@ def test_killed_run_resumes_to_the_same_weights(fixture, trained):
     reference = load_file(trained[0] / "checkpoint-6" / WEIGHTS_FILE)
     assert resumed.keys() == reference.keys() and any("lora" in k for k in resumed)
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+    # Not fused: the saved UNet is the base UNet (no adapter layers), the LoRA sits in unet_lora/.
+    from axf_pipeline import AnomalyXFusionPipeline
+
+    unfused = AnomalyXFusionPipeline.from_pretrained(out)
+    base_unet = load_file(fixture["base"] / "unet" / "diffusion_pytorch_model.safetensors")
+    assert unfused.unet.state_dict().keys() == base_unet.keys()
+    assert all(torch.equal(unfused.unet.state_dict()[k], v) for k, v in base_unet.items())
+    fused = AnomalyXFusionPipeline.from_pretrained(trained[0]).unet.state_dict()
+    assert any(not torch.equal(fused[k], v) for k, v in base_unet.items()), (
+        "fused LoRA left the UNet unchanged"
+    )
+    unfused.load_lora_weights(out / "unet_lora")
+    assert any("lora" in k for k in unfused.unet.state_dict())
 
 
 def test_two_process_accelerate_launch_saves_once(fixture):

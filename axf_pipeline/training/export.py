@@ -38,9 +38,8 @@ def export_pipeline(args, denoiser, data, global_step: int, num_processes: int =
         pipe.load_lora_weights(str(output_dir / LORA_DIR))
         if args.fuse_lora:
             pipe.fuse_lora()
-            pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter layers
-        else:
-            pipe.delete_adapters(pipe.get_active_adapters())
+        # Drops the adapter layers: keeps the fused weights, or restores the base UNet when not fused.
+        pipe.unload_lora_weights()
     pipe.save_pretrained(str(output_dir), safe_serialization=True)
     metrics = json.loads(Path(args.metrics_file).read_text()) if getattr(args, "metrics_file", None) else None
     write_model_card(args, output_dir, len(data.train), global_step, num_processes, metrics)
