@@ -374,6 +374,10 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
         """CLIP image embeddings ``(B, p)`` of each ``reference ⊙ reference_mask`` (eq. 3)."""
         if self.image_encoder is None:
             raise ValueError("reference_image given but this pipeline has no image_encoder")
+        if len({tuple(r.shape) for r in references}) == 1:  # one CLIP call for same-sized references
+            return encode_reference(
+                self.image_encoder, self.feature_extractor, torch.stack(references), torch.stack(masks)
+            )
         embeds = []
         for ref, msk in zip(references, masks, strict=True):
             embeds.append(encode_reference(self.image_encoder, self.feature_extractor, ref[None], msk[None]))

@@ -31,7 +31,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="images per call")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--unet-in-channels", type=int, choices=(4, 9), default=4)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: least sensitive to other load)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,14 +92,19 @@ def main() -> None:
             fn()
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}
     ratio = med["AnomalyXFusionPipeline"] / med["StableDiffusionInpaintPipeline"]
+    best_ratio = best["AnomalyXFusionPipeline"] / best["StableDiffusionInpaintPipeline"]
     print(
         f"size {args.size}px, batch {args.batch}, {args.steps} steps, guidance {args.guidance_scale}, "
         f"{args.unet_in_channels}-channel UNet, {args.repeats} repeats, torch threads {torch.get_num_threads()}"
     )
     for k, v in med.items():
         print(f"{k:32s} median {v:.3f} s  (all: {', '.join(f'{t:.3f}' for t in times[k])})")
-    print(f"ratio AnomalyXFusion / diffusers inpaint = {ratio:.3f} (target <= 1.05)")
+    print(
+        f"ratio AnomalyXFusion / diffusers inpaint = {ratio:.3f} median, {best_ratio:.3f} best-of (target <= 1.05)"
+    )
+    print("(on a shared machine the best-of ratio is the one least disturbed by other load)")
 
 
 if __name__ == "__main__":
