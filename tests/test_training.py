@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from axf_pipeline.tiny import build_tiny_components
+from axf_pipeline.tiny import build_tiny_components, save_tiny_base
 from axf_pipeline.training import TrainingInputError, main, parse_args
 from axf_pipeline.training.checkpointing import STATE_FILE, WEIGHTS_FILE, list_checkpoints
 from axf_pipeline.training.data import (
@@ -36,26 +36,6 @@ from axf_pipeline.training.model import (
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def write_tiny_base(folder: Path, words) -> tuple[Path, Path]:
-    """A Stable Diffusion checkpoint folder and a CLIP vision folder made of the shared tiny components."""
-    from diffusers import StableDiffusionPipeline
-
-    c = build_tiny_components(words=words, scheduler="ddpm")
-    StableDiffusionPipeline(
-        vae=c["vae"],
-        text_encoder=c["text_encoder"],
-        tokenizer=c["tokenizer"],
-        unet=c["unet"],
-        scheduler=c["scheduler"],
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).save_pretrained(folder / "base")
-    c["image_encoder"].save_pretrained(folder / "image_encoder")
-    c["feature_extractor"].save_pretrained(folder / "image_encoder")
-    return folder / "base", folder / "image_encoder"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -83,7 +63,7 @@ def fixture(tmp_path_factory):
         for s in c
         for w in s.split()
     }
-    base, encoder = write_tiny_base(root, words)
+    base, encoder = save_tiny_base(root, build_tiny_components(words=words, scheduler="ddpm"))
     return {
         "root": root,
         "dataset": root / "export",
