@@ -1,8 +1,8 @@
 """AnomalyXFusion: multi-modal industrial anomaly synthesis with diffusion.
 
-The custom classes are importable from this top-level module because diffusers records
-``["axf_pipeline", "<ClassName>"]`` in a saved pipeline's ``model_index.json``: these names are
-public and must stay stable.
+A saved pipeline's ``model_index.json`` records the custom classes by module path
+(``axf_pipeline.models.multimodal_in_fusion``, ``axf_pipeline.models.dynamic_dif_fusion``): those
+module paths are public and must stay stable.
 """
 
 from .models import DynamicDifFusion, MultiModalInFusion
