@@ -38,17 +38,22 @@ ABLATIONS = {
 }
 
 
+_START = time.perf_counter()
+
+
 def log(message: str) -> None:
-    print(f"[demo] {message}", flush=True)
+    print(f"[demo {time.perf_counter() - _START:6.0f} s] {message}", flush=True)
 
 
 # ---- 1-2: data ---------------------------------------------------------------------------------------
-def build_dataset(work: Path, size: int, per_type: int, seed: int):
+def build_dataset(work: Path, size: int, per_type: int, held_out: int, seed: int):
     from datasets import load_dataset
 
     from mvtec_caption import export_dataset
 
-    toy = make_toy_tree(work / "toy", size=size, anomalies_per_type=per_type, seed=seed)
+    toy = make_toy_tree(
+        work / "toy", size=size, anomalies_per_type=per_type, held_out_normals=held_out, seed=seed
+    )
     export = export_dataset("ad", toy.root, output=work / "mvtec_caption", captions=toy.captions_path)
     dataset = load_dataset(str(export), "ad")
     log(f"MVTec Caption (toy) built into {export}: " + ", ".join(f"{k}={len(v)}" for k, v in dataset.items()))
@@ -248,7 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="outputs/demo", help="Everything the run writes goes here.")
     p.add_argument("--ablation", action="store_true", help="Run the five models of paper table 6.")
     p.add_argument("--size", type=int, default=32, help="Toy image size in pixels.")
-    p.add_argument("--anomalies_per_type", type=int, default=30)
+    p.add_argument("--anomalies_per_type", type=int, default=30, help="Real toy anomalies per defect type.")
+    p.add_argument(
+        "--held_out_normals", type=int, default=16, help="Normal images that receive every caption."
+    )
     p.add_argument("--vae_steps", type=int, default=300)
     p.add_argument("--train_steps", type=int, default=1200)
     p.add_argument("--batch_size", type=int, default=16)
@@ -276,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.output_dir)
     work.mkdir(parents=True, exist_ok=True)
     log(f"[1-2/6] toy MVTec Caption set -> {work}")
-    toy, export, dataset = build_dataset(work, args.size, args.anomalies_per_type, args.seed)
+    toy, export, dataset = build_dataset(
+        work, args.size, args.anomalies_per_type, args.held_out_normals, args.seed
+    )
     if args.pretrained_model_name_or_path:
         base, encoder = args.pretrained_model_name_or_path, args.image_encoder
     else:
