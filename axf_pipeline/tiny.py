@@ -178,28 +178,31 @@ def build_tiny_components(
     }
 
 
-def save_tiny_base(folder: str | Path, components: dict) -> tuple[Path, Path]:
-    """Saves tiny components the way real checkpoints come: a Stable Diffusion folder (plain or
-    inpainting, by the UNet's ``in_channels``) and a CLIP vision folder. Returns ``(base, image_encoder)``."""
+def stable_diffusion_pipeline(components: dict, pipeline_class=None, feature_extractor: bool = True):
+    """A ``StableDiffusion*Pipeline`` over the same components: what a real base checkpoint is, and the
+    baseline ours is benchmarked against. By default plain or inpainting by the UNet's ``in_channels``."""
     from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
-    folder = Path(folder)
-    cls = (
-        StableDiffusionInpaintPipeline
-        if components["unet"].config.in_channels == 9
-        else StableDiffusionPipeline
-    )
-    base = cls(
+    if pipeline_class is None:
+        in_channels = components["unet"].config.in_channels
+        pipeline_class = StableDiffusionInpaintPipeline if in_channels == 9 else StableDiffusionPipeline
+    return pipeline_class(
         vae=components["vae"],
         text_encoder=components["text_encoder"],
         tokenizer=components["tokenizer"],
         unet=components["unet"],
         scheduler=components["scheduler"],
         safety_checker=None,
-        feature_extractor=components["feature_extractor"],
+        feature_extractor=components["feature_extractor"] if feature_extractor else None,
         requires_safety_checker=False,
     )
-    base.save_pretrained(folder / "base", safe_serialization=True)
+
+
+def save_tiny_base(folder: str | Path, components: dict) -> tuple[Path, Path]:
+    """Saves tiny components the way real checkpoints come: a Stable Diffusion folder and a CLIP vision
+    folder. Returns ``(base, image_encoder)``."""
+    folder = Path(folder)
+    stable_diffusion_pipeline(components).save_pretrained(folder / "base", safe_serialization=True)
     components["image_encoder"].save_pretrained(folder / "image_encoder", safe_serialization=True)
     components["feature_extractor"].save_pretrained(folder / "image_encoder")
     return folder / "base", folder / "image_encoder"

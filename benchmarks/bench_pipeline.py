@@ -20,7 +20,7 @@ import torch
 from diffusers import StableDiffusionInpaintPipeline
 
 from axf_pipeline import AnomalyXFusionPipeline
-from axf_pipeline.tiny import build_tiny_components
+from axf_pipeline.tiny import build_tiny_components, stable_diffusion_pipeline
 
 
 def main() -> None:
@@ -47,16 +47,7 @@ def main() -> None:
         num_tokens=4,
     )
     ours = AnomalyXFusionPipeline(**c)
-    theirs = StableDiffusionInpaintPipeline(
-        vae=c["vae"],
-        text_encoder=c["text_encoder"],
-        tokenizer=c["tokenizer"],
-        unet=c["unet"],
-        scheduler=c["scheduler"],
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    theirs = stable_diffusion_pipeline(c, StableDiffusionInpaintPipeline, feature_extractor=False)
     for p in (ours, theirs):
         p.set_progress_bar_config(disable=True)
 

@@ -7,7 +7,6 @@ fi
 source .venv/bin/activate
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -f "$stamp" ]; then
-  python -m pip install -q --upgrade pip
   python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
   python -m pip install -q -e ".[test]"
   touch "$stamp"

@@ -3,20 +3,10 @@
 import json
 
 import numpy as np
-import pytest
-import torch
 from PIL import Image
 
 from axf_pipeline.demo.measure import outside_mask_change, read_defect
 from axf_pipeline.demo.toy_data import COLOURS, SHAPES, normal_image, paint_defect, square_mask
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_measure_reads_every_painted_colour_and_shape_and_nothing_on_a_normal_image():

@@ -18,15 +18,6 @@ from axf_pipeline.evaluation import (
 pytestmark = pytest.mark.filterwarnings("ignore:.*NOT A REAL SCORE")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small CPU models run far faster on one thread when the 2 cores are shared; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------- brute-force references
 
 

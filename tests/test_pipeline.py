@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from axf_pipeline import AnomalyXFusionPipeline, AnomalyXFusionPipelineOutput
-from axf_pipeline.tiny import build_tiny_components
+from axf_pipeline.tiny import build_tiny_components, stable_diffusion_pipeline
 
 STEPS = 2
 
@@ -333,17 +333,8 @@ def test_from_base_local_folders(tmp_path, channels):
     from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
     c = build_tiny_components(unet_in_channels=channels)
-    base_cls = StableDiffusionPipeline if channels == 4 else StableDiffusionInpaintPipeline
-    base = base_cls(
-        vae=c["vae"],
-        text_encoder=c["text_encoder"],
-        tokenizer=c["tokenizer"],
-        unet=c["unet"],
-        scheduler=c["scheduler"],
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    base = stable_diffusion_pipeline(c, feature_extractor=False)  # CLIP folder without a processor too
+    assert isinstance(base, StableDiffusionPipeline if channels == 4 else StableDiffusionInpaintPipeline)
     base.save_pretrained(tmp_path / "sd")
     c["image_encoder"].save_pretrained(tmp_path / "clip")
     pipe = AnomalyXFusionPipeline.from_base(

@@ -67,10 +67,22 @@ def tiny_base(work: Path, toy, size: int, vae_steps: int, seed: int) -> tuple[Pa
     from .vae import pretrain_vae
 
     components = build_tiny_components(sample_size=size, words=vocabulary(), seed=seed)
-    images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(toy.root.glob(f"{CATEGORY}/**/*.png"))]
-    images = [im for im in images if im.ndim == 3]
-    losses = pretrain_vae(components["vae"], images, steps=vae_steps, seed=seed)
-    log(f"VAE pre-trained: L1 {losses[0]:.3f} -> {np.mean(losses[-20:]):.3f}")
+    # what a base model would have seen: normal training images and the generator fold, never the
+    # evaluation fold (the toy tree's captions are per defect type, n images each)
+    images, masks = [], []
+    for path in sorted((toy.root / CATEGORY / "train" / "good").glob("*.png")):
+        images.append(np.asarray(Image.open(path).convert("RGB")))
+        masks.append(np.zeros(images[-1].shape[:2], np.uint8))
+    for folder in sorted((toy.root / CATEGORY / "ground_truth").iterdir()):
+        mask_paths = sorted(folder.glob("*_mask.png"))
+        for mask_path in mask_paths[: len(mask_paths) // 3]:
+            image_path = toy.root / CATEGORY / "test" / folder.name / mask_path.name.replace("_mask", "")
+            images.append(np.asarray(Image.open(image_path).convert("RGB")))
+            masks.append(np.asarray(Image.open(mask_path)))
+    losses = pretrain_vae(components["vae"], images, masks, steps=vae_steps, seed=seed)
+    log(
+        f"VAE pre-trained on {len(images)} images: weighted L1 {losses[0]:.3f} -> {np.mean(losses[-20:]):.3f}"
+    )
     return save_tiny_base(work / "base", components)
 
 
@@ -212,11 +224,14 @@ def ic_lpips_random_backbone(jobs: list[dict], dataset) -> dict:
 
 
 # ---- 6: pictures ------------------------------------------------------------------------------------
-def write_grid(jobs: list[dict], path: Path, rows: int = 16, scale: int = 3) -> Path:
-    """normal | mask | caption | generated, one row per job (a spread over captions)."""
-    picked = jobs[:: max(1, len(jobs) // rows)][:rows]
+def write_grid(jobs: list[dict], path: Path, per_caption: int = 2, scale: int = 3) -> Path:
+    """normal | mask | caption (and what was measured) | generated: ``per_caption`` rows for every caption."""
+    by_caption: dict[str, list[dict]] = {}
+    for job in jobs:
+        by_caption.setdefault(job["caption"], []).append(job)
+    picked = [job for group in by_caption.values() for job in group[:per_caption]]
     cell = picked[0]["normal"].shape[0] * scale
-    text_w = 5 * cell
+    text_w = 3 * cell
     grid = Image.new("RGB", (3 * cell + text_w, cell * len(picked)), "white")
     draw = ImageDraw.Draw(grid)
     for r, job in enumerate(picked):
@@ -257,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--held_out_normals", type=int, default=16, help="Normal images that receive every caption."
     )
-    p.add_argument("--vae_steps", type=int, default=300)
+    p.add_argument("--vae_steps", type=int, default=250)
     p.add_argument("--train_steps", type=int, default=1200)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--learning_rate", type=float, default=1e-3)

@@ -5,23 +5,34 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
 def pretrain_vae(
     vae,
     images: list[np.ndarray],
+    masks: list[np.ndarray] | None = None,
     *,
     steps: int = 300,
     batch_size: int = 16,
-    lr: float = 2e-3,
-    kl_weight: float = 1e-6,
+    lr: float = 1e-3,
+    defect_weight: float = 10.0,
     seed: int = 0,
 ) -> list[float]:
-    """Trains ``vae`` in place on uint8 HxWx3 ``images`` (L1 + tiny KL); returns the loss curve."""
+    """Trains ``vae`` in place on uint8 HxWx3 ``images`` as a plain autoencoder; returns the loss curve.
+
+    * Defects are a small share of the pixels, so an unweighted loss learns the grey background and
+      washes their colours out: pixels inside ``masks`` weigh ``1 + defect_weight``.
+    * It decodes the posterior mean, then fixes the posterior variance to (almost) zero: a few hundred
+      steps cannot teach a KL-VAE a small variance, and training samples the posterior, so a wide one
+      would bury the latents in noise.
+    * ``scaling_factor`` is set so that latents have unit variance, as Stable Diffusion's 0.18215 does
+      for its own VAE (the default is meaningless for a VAE trained here)."""
     gen = torch.Generator().manual_seed(seed)
     data = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    weights = torch.ones_like(data[:, :1])
+    if masks is not None:
+        weights = weights + defect_weight * (torch.from_numpy(np.stack(masks))[:, None] > 127).float()
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -29,12 +40,11 @@ def pretrain_vae(
     bar = tqdm(range(steps), desc="VAE pre-training")
     for _ in bar:
         idx = torch.randint(0, len(data), (batch_size,), generator=gen)
-        x = data[idx]
+        x, w = data[idx], weights[idx]
         if torch.rand((), generator=gen) < 0.5:
-            x = x.flip(-1)
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=gen)).sample
-        loss = F.l1_loss(recon, x) + kl_weight * posterior.kl().mean()
+            x, w = x.flip(-1), w.flip(-1)
+        recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        loss = (w * (recon - x).abs()).mean() / w.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -43,4 +53,19 @@ def pretrain_vae(
         bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval()
     vae.requires_grad_(False)
+    _fix_posterior_variance(vae)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in data.split(64)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     return losses
+
+
+@torch.no_grad()
+def _fix_posterior_variance(vae, logvar: float = -30.0) -> None:
+    """The log-variance half of ``quant_conv`` outputs a constant (diffusers clamps it at -30)."""
+    conv = vae.quant_conv
+    if conv is None:
+        raise ValueError("pretrain_vae needs an AutoencoderKL with quant_conv (use_quant_conv=True)")
+    half = conv.out_channels // 2
+    conv.weight[half:] = 0
+    conv.bias[half:] = logvar
