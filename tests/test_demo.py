@@ -29,12 +29,12 @@ def test_fast_demo_runs_the_chain_and_writes_grid_metrics_and_table(tmp_path):
 
     out = tmp_path / "demo"
     argv = ["--output_dir", str(out), "--vae_steps", "2", "--train_steps", "2", "--anomalies_per_type", "3",
-            "--held_out_normals", "1", "--inference_steps", "2", "--synthesis_batch", "8"]  # fmt: skip
+            "--held_out_normals", "2", "--inference_steps", "2", "--synthesis_batch", "8"]  # fmt: skip
     assert main(argv) == 0
 
     report = json.loads((out / "metrics.json").read_text())
     (result,) = report["results"]
-    assert result["num_generated"] == len(COLOURS) * len(SHAPES)
+    assert result["num_generated"] == 2 * len(COLOURS) * len(SHAPES)
     assert result["max_outside_mask_change"] == 0
     assert 0.0 <= result["text_controllability"] <= 1.0
     assert result["ic_lpips_random_backbone"]["real_score"] is False
