@@ -20,7 +20,7 @@ ROUND_FRACTION = 0.5
 
 def read_defect(generated: np.ndarray, normal: np.ndarray, mask: np.ndarray) -> tuple[str, str, float]:
     """(colour or "none", "round" / "thin" / "none", defect fraction of the mask) for uint8 HxWx3 images."""
-    inside = mask > 127
+    inside = mask > 0  # the pipeline's rule: every non-zero mask pixel is defect
     gen = generated.astype(np.int16)
     chroma = gen.max(axis=2) - gen.min(axis=2)
     diff = np.abs(gen - normal.astype(np.int16)).max(axis=2)
@@ -38,7 +38,7 @@ def read_defect(generated: np.ndarray, normal: np.ndarray, mask: np.ndarray) -> 
 
 def outside_mask_change(generated: np.ndarray, normal: np.ndarray, mask: np.ndarray) -> int:
     """Largest absolute pixel difference outside the mask (0 means the background was kept exactly)."""
-    outside = mask <= 127
+    outside = mask == 0
     if not outside.any():
         return 0
     return int(np.abs(generated.astype(np.int16) - normal.astype(np.int16))[outside].max())
