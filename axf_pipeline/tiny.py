@@ -13,14 +13,13 @@ from pathlib import Path
 
 import torch
 
-BYTE_TOKENS_NOTE = "every printable ASCII character, alone and as a word end (</w>)"
-
 
 def write_tiny_clip_tokenizer(
     folder: str | Path, words: Iterable[str] = (), model_max_length: int = 32
 ) -> Path:
     """Writes a CLIP BPE tokenizer (vocab.json + merges.txt) whose vocabulary is generated here:
-    {BYTE_TOKENS_NOTE}, plus whole-word tokens for ``words`` (built by left-to-right merges)."""
+    every printable ASCII character, alone and as a word end (``</w>``), plus whole-word tokens for
+    ``words`` (built by left-to-right merges)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     chars = [chr(c) for c in range(33, 127)]

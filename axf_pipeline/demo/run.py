@@ -128,13 +128,10 @@ def synthesis_jobs(toy, dataset, size: int, seed: int) -> list[dict]:
     reference defect from the generator fold whose colour and shape both differ from the caption's."""
     rng = np.random.default_rng(seed + 1)
     test = dataset["test"]
+    columns = test.select_columns(["defect_type", "fold", "is_anomaly"]).to_list()
     refs = [
-        r
-        for r in test.select_columns(["defect_type", "fold", "is_anomaly"]).to_list()
-        if r["is_anomaly"] and r["fold"] == "generator"
+        (i, r["defect_type"]) for i, r in enumerate(columns) if r["is_anomaly"] and r["fold"] == "generator"
     ]
-    ref_index = [i for i, r in enumerate(test.select_columns(["is_anomaly", "fold"]).to_list())
-                 if r["is_anomaly"] and r["fold"] == "generator"]  # fmt: skip
     jobs = []
     for path in toy.held_out_normals:
         normal = np.asarray(Image.open(path).convert("RGB"))
@@ -142,9 +139,8 @@ def synthesis_jobs(toy, dataset, size: int, seed: int) -> list[dict]:
             for shape in SHAPES:
                 choices = [
                     i
-                    for i, r in zip(ref_index, refs, strict=True)
-                    if not r["defect_type"].startswith(colour + "_")
-                    and not r["defect_type"].endswith("_" + shape)
+                    for i, kind in refs
+                    if not kind.startswith(colour + "_") and not kind.endswith("_" + shape)
                 ]
                 ref = test[int(rng.choice(choices))]
                 jobs.append(
