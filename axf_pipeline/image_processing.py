@@ -215,3 +215,60 @@ def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def latent_mask(mask: torch.Tensor, scale_factor: int) -> torch.Tensor:
     """Pixel mask → latent-resolution mask: a latent cell is masked if any of its pixels is (max-pool)."""
     return F.max_pool2d(mask.float(), kernel_size=scale_factor, stride=scale_factor, ceil_mode=True)
+
+
+# ---------------------------------------------------------------------------- the window around a defect
+def mask_box(mask: np.ndarray | torch.Tensor) -> tuple[int, int, int, int] | None:
+    """``(x0, y0, x1, y1)`` of a mask's non-zero pixels (exclusive end); None when it is empty."""
+    array = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    array = array.reshape(array.shape[-2:])
+    ys, xs = np.nonzero(array)
+    if len(xs) == 0:
+        return None
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def crop_window(
+    width: int,
+    height: int,
+    box: tuple[int, int, int, int] | None,
+    size: tuple[int, int],
+    shift: tuple[float, float] = (0.0, 0.0),
+) -> tuple[int, int, int, int]:
+    """Where a defect is seen at the model's size, for training crops and sampling alike.
+
+    The image is first resized to ``(new_w, new_h)`` and then cut at ``(x0, y0)`` to ``size = (h, w)``.
+    The image keeps its native detail unless it is smaller than the window (upscaled to cover it) or
+    the defect ``box`` is larger than the window (downscaled until it fits, never below covering the
+    window). The window is centred on the defect; ``shift`` in ``[-1, 1]`` moves it by that fraction
+    of the room that keeps the defect's centre inside (training's jitter). Returns ``(new_w, new_h, x0, y0)``.
+    """
+    out_h, out_w = size
+    box = box or (0, 0, width, height)
+    cover = max(out_w / width, out_h / height)
+    scale = max(cover, 1.0)
+    fit = max((box[2] - box[0]) * scale / out_w, (box[3] - box[1]) * scale / out_h)
+    if fit > 1:
+        scale = max(scale / fit, cover)
+    new_w, new_h = max(out_w, round(width * scale)), max(out_h, round(height * scale))
+    sx, sy = new_w / width, new_h / height
+    cx, cy = (box[0] + box[2]) / 2 * sx, (box[1] + box[3]) / 2 * sy
+    x0 = min(max(cx - out_w / 2, 0), new_w - out_w)
+    y0 = min(max(cy - out_h / 2, 0), new_h - out_h)
+    room_x = min(out_w / 2, x0, new_w - out_w - x0)
+    room_y = min(out_h / 2, y0, new_h - out_h - y0)
+    x0, y0 = round(x0 + shift[0] * room_x), round(y0 + shift[1] * room_y)
+    return new_w, new_h, min(max(x0, 0), new_w - out_w), min(max(y0, 0), new_h - out_h)
+
+
+def mask_crop_region(mask: torch.Tensor, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The :func:`crop_window` of a ``(1, H, W)`` mask (centred, no shift) in the mask's own pixels:
+    ``(x1, y1, x2, y2)``. Cropping there and resizing to ``size`` shows the defect at the scale training
+    crops show it."""
+    height, width = mask.shape[-2:]
+    new_w, new_h, x0, y0 = crop_window(width, height, mask_box(mask), size)
+    out_h, out_w = size
+    sx, sy = new_w / width, new_h / height
+    x1, y1 = int(np.floor(x0 / sx)), int(np.floor(y0 / sy))
+    x2, y2 = int(np.ceil((x0 + out_w) / sx)), int(np.ceil((y0 + out_h) / sy))
+    return max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)

@@ -21,13 +21,15 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.models import AutoencoderKL, UNet2DConditionModel
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, StableDiffusionMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from . import image_processing as ip
 from .conditioning import cross_attention_states, encode_reference, encode_text, x_embedding
 from .models import DynamicDifFusion, MultiModalInFusion
+
+logger = logging.get_logger(__name__)
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -136,16 +138,32 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
             do_convert_grayscale=True,
         )
 
-    # ------------------------------------------------------------------ loading
+    # ------------------------------------------------------------------ saving and loading (safetensors only)
+    _SAFETENSORS_ONLY = (
+        "AnomalyXFusionPipeline saves and loads safetensors weights only (no pickle weights are ever read)"
+    )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs):
+        """diffusers' saver; pickle weights are refused here, since :meth:`from_pretrained` would refuse them."""
+        if not safe_serialization:
+            raise ValueError(f"{self._SAFETENSORS_ONLY}: save_pretrained(safe_serialization=False) refused")
+        super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
         """diffusers' loader, safetensors only (no pickle weights are ever read)."""
         if kwargs.get("use_safetensors") is False:
-            raise ValueError(
-                "AnomalyXFusionPipeline loads safetensors weights only (use_safetensors=False refused)"
-            )
+            raise ValueError(f"{cls._SAFETENSORS_ONLY}: use_safetensors=False refused")
         kwargs["use_safetensors"] = True
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except OSError as err:
+            if "safetensors" not in str(err):
+                raise
+            raise OSError(
+                f"{cls._SAFETENSORS_ONLY}; {pretrained_model_name_or_path} lacks a .safetensors file that "
+                f"is needed (pickle .bin weights are not loaded: re-save them with safetensors). {err}"
+            ) from err
 
     @classmethod
     def from_base(
@@ -277,7 +295,9 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
 
     @property
     def do_classifier_free_guidance(self):
-        return self._guidance_scale > 1
+        """``guidance_scale > 1`` and something to guide towards: the text, or a reference. Without
+        either (a no-text model called without reference) both branches would be identical."""
+        return self._guidance_scale > 1 and getattr(self, "_guidance_has_target", True)
 
     @property
     def use_text(self) -> bool:
@@ -348,32 +368,41 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
                 )
 
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
-
-        def expand(t):
-            return (
-                None
-                if t is None
-                else t.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, 0)
+        to = dict(device=device, dtype=dtype)
+        prompt_embeds = prompt_embeds.to(**to).repeat_interleave(num_images_per_prompt, 0)
+        pooled_prompt_embeds = pooled_prompt_embeds.to(**to).repeat_interleave(num_images_per_prompt, 0)
+        if do_classifier_free_guidance:
+            negative_prompt_embeds = negative_prompt_embeds.to(**to).repeat_interleave(num_images_per_prompt, 0)
+            negative_pooled_prompt_embeds = negative_pooled_prompt_embeds.to(**to).repeat_interleave(
+                num_images_per_prompt, 0
             )
-
-        if not do_classifier_free_guidance:
+        else:
             negative_prompt_embeds = negative_pooled_prompt_embeds = None
-        return tuple(
-            expand(t)
-            for t in (
-                prompt_embeds,
-                negative_prompt_embeds,
-                pooled_prompt_embeds,
-                negative_pooled_prompt_embeds,
-            )
-        )
+        return prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
 
     def encode_reference_images(
-        self, references: list[torch.Tensor], masks: list[torch.Tensor]
+        self, references: list[torch.Tensor], masks: list[torch.Tensor], size: int | None = None
     ) -> torch.Tensor:
-        """CLIP image embeddings ``(B, p)`` of each ``reference ⊙ reference_mask`` (eq. 3)."""
+        """CLIP image embeddings ``(B, p)`` of each ``reference ⊙ reference_mask`` (eq. 3).
+
+        With ``size``, each reference and its mask are first cut to the ``size``² window around the mask
+        that training crops references to (:func:`~axf_pipeline.image_processing.mask_crop_region`): CLIP's
+        processor resizes the short side and centre-crops, which on a non-square image could cut away a
+        defect near an edge, and the defect keeps the scale it had in training. ``size=None`` feeds the
+        whole image (what the pipeline does when no ``reference_mask`` is given).
+        """
         if self.image_encoder is None:
             raise ValueError("reference_image given but this pipeline has no image_encoder")
+        if size is not None:
+            windows = [ip.mask_crop_region(m, (size, size)) for m in masks]
+            references = [
+                self._resize(r[None, :, y1:y2, x1:x2], (size, size))[0]
+                for r, (x1, y1, x2, y2) in zip(references, windows, strict=True)
+            ]
+            masks = [
+                ip.resize_mask(m[None, :, y1:y2, x1:x2], (size, size))[0]
+                for m, (x1, y1, x2, y2) in zip(masks, windows, strict=True)
+            ]
         if len({tuple(r.shape) for r in references}) == 1:  # one CLIP call for same-sized references
             return encode_reference(
                 self.image_encoder, self.feature_extractor, torch.stack(references), torch.stack(masks)
@@ -403,7 +432,12 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
         reference_mask,
         padding_mask_crop,
         callback_on_step_end_tensor_inputs,
+        guidance_scale: float = 1.0,
     ):
+        if not guidance_scale >= 0:
+            raise ValueError(
+                f"guidance_scale must be >= 0, got {guidance_scale} (values <= 1 mean no guidance)"
+            )
         if not 0 <= strength <= 1:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         if num_inference_steps < 1:
@@ -450,6 +484,15 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
         if reference_image is not None and self.image_encoder is None:
             raise ValueError("`reference_image` given but this pipeline has no image_encoder")
 
+    def _warn_text_unused(self) -> None:
+        if not getattr(self, "_warned_text_unused", False):
+            logger.warning(
+                "This pipeline has no text condition (mif.config.use_semantic=False, trained without text): "
+                "prompts and negative prompts are not used. Each prompt still counts as one sample of the "
+                "batch, so outputs stay aligned with the inputs."
+            )
+            self._warned_text_unused = True
+
     def get_timesteps(self, num_inference_steps: int, strength: float, device):
         init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
         t_start = max(num_inference_steps - init_timestep, 0)
@@ -470,13 +513,18 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
         return kwargs
 
     def crop_regions(self, masks: list[torch.Tensor], height: int, width: int, padding_mask_crop: int | None):
-        """Per sample ``(x1, y1, x2, y2)``: the whole image, or (with ``padding_mask_crop``) the padded
-        box around the mask widened to the generation aspect ratio (diffusers' ``get_crop_region``)."""
+        """Per sample, the ``(x1, y1, x2, y2)`` generated at ``height × width`` and pasted back.
+
+        Default: the window training crops show a defect in (:func:`~axf_pipeline.image_processing.mask_crop_region`):
+        an image larger than the generation size is cut around its mask at native detail (downscaled only
+        when the defect does not fit), so the location mask and the defect have the scale they had in
+        training; an image of the generation size is used whole. With ``padding_mask_crop``: diffusers'
+        rule, the box around the mask padded by that many pixels, widened to the generation aspect ratio.
+        """
         regions = []
         for m in masks:
-            h, w = m.shape[-2:]
             if padding_mask_crop is None:
-                regions.append((0, 0, w, h))
+                regions.append(ip.mask_crop_region(m, (height, width)))
             else:
                 pil = PIL.Image.fromarray((m[0].numpy() * 255).astype(np.uint8), mode="L")
                 regions.append(self.mask_processor.get_crop_region(pil, width, height, pad=padding_mask_crop))
@@ -546,18 +594,30 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
         r"""Synthesise anomalies.
 
         Args:
-            prompt: the defect description(s). One prompt is used for every image.
+            prompt: the defect description(s): a string or a one-element list is used for every image,
+                a list gives one prompt per image. A pipeline trained without text
+                (``mif.config.use_semantic=False``) does not use prompts: it warns once, and each prompt
+                still counts as one sample so the outputs stay aligned with the inputs.
             image: the normal image(s): PIL, NumPy or torch, see :mod:`axf_pipeline.image_processing`.
             mask_image: where the defect goes; single-channel; every non-zero pixel counts as defect.
             reference_image: a real defect whose texture guides the result (eq. 3). Optional: without it
                 the MIF sees a zero image embedding, the learned "no reference" state.
-            reference_mask: the defect region of ``reference_image`` (default: the whole image).
+            reference_mask: the defect region of ``reference_image``. Pixels outside it are zeroed and the
+                reference is cut to the ``max(height, width)``² window around it that training crops
+                references to, before CLIP sees it. Without it the whole reference image goes to CLIP,
+                whose processor resizes the short side and centre-crops (an edge of a non-square
+                reference is lost).
             height, width: generation size (default: the UNet's native resolution). The result is
-                resized back to the input's own size (or the crop's size) and composited.
-            padding_mask_crop: generate only a box around the mask, padded by this many pixels and widened
-                to ``width/height``'s aspect ratio, and paste it back (for large or non-square inputs).
+                resized back to the generated region's size and composited.
+            padding_mask_crop: ``None`` (default): generate in the window training crops show a defect in,
+                so the defect and location mask have their training scale: an image larger than
+                ``height × width`` is cut around its mask at native detail (shrunk only if the defect does
+                not fit), an image of that size is used whole. An int: diffusers' rule instead, the box
+                around the mask padded by this many pixels and widened to ``width/height``'s aspect ratio.
+                Either way the region is pasted back and the result equals the input outside the mask.
             strength: 1.0 starts from pure noise; lower values start from the noised image.
-            guidance_scale: classifier-free guidance weight (> 1 enables it). The unconditional branch
+            guidance_scale: classifier-free guidance weight, >= 0 (> 1 enables it; it is skipped when there
+                is nothing to guide: no text condition and no reference). The unconditional branch
                 sees the negative prompt (default ``""``) in both the prompt tokens and e_sem, the same
                 mask, and no reference (zero image embedding): guidance pushes towards the caption and
                 the reference texture, while the location is kept in both branches.
@@ -595,6 +655,7 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
             reference_mask,
             padding_mask_crop,
             callback_on_step_end_tensor_inputs,
+            guidance_scale,
         )
         images = ip.images_to_tensors(image, "image")
         masks = ip.masks_to_tensors(mask_image, "mask_image")
@@ -608,12 +669,14 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
                 else [torch.ones(1, *r.shape[-2:]) for r in references]
             )
             ip.check_same_sizes(references, ref_masks, "reference_image", "reference_mask")
-        if not self.use_text:
-            n_prompts = None
-        elif prompt_embeds is not None:
+        if prompt_embeds is not None:
             n_prompts = prompt_embeds.shape[0]
-        else:
+        elif prompt is not None:
             n_prompts = 1 if isinstance(prompt, str) else len(prompt)
+        else:
+            n_prompts = None
+        if not self.use_text and (n_prompts is not None or negative_prompt is not None):
+            self._warn_text_unused()
         batch_size = ip.resolve_batch_size(
             prompt=n_prompts,
             image=len(images),
@@ -628,6 +691,7 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
         width = width or self.unet.config.sample_size * self.vae_scale_factor
 
         self._guidance_scale = guidance_scale
+        self._guidance_has_target = self.use_text or references is not None
         self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
         device = self._execution_device
@@ -640,6 +704,8 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
         if self.use_text:
             if prompt_embeds is None and isinstance(prompt, str):
                 prompt = [prompt] * batch_size
+            elif prompt_embeds is None and len(prompt) == 1:
+                prompt = list(prompt) * batch_size
             elif prompt_embeds is not None and prompt_embeds.shape[0] == 1 and batch_size > 1:
                 prompt_embeds = prompt_embeds.expand(batch_size, -1, -1)
                 pooled_prompt_embeds = pooled_prompt_embeds.expand(batch_size, -1)
@@ -691,7 +757,9 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
         image_embeds = None
         if references is not None:
             image_embeds = self.encode_reference_images(
-                ip.broadcast(references, batch_size), ip.broadcast(ref_masks, batch_size)
+                ip.broadcast(references, batch_size),
+                ip.broadcast(ref_masks, batch_size),
+                size=max(height, width) if reference_mask is not None else None,
             ).to(device)
             image_embeds = image_embeds.repeat_interleave(num_images_per_prompt, 0)
         mif_mask = gen_mask.repeat_interleave(num_images_per_prompt, 0).to(self.mif.dtype)

@@ -158,7 +158,9 @@ def build_tiny_components(
         use_aggregator=use_aggregator,
     )
     ddf = DynamicDifFusion(cross_attention_dim=cross_attention_dim, timestep_channels=32) if use_ddf else None
-    sched_kwargs = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False)
+    sched_kwargs = dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
+    )
     sched = (
         DDIMScheduler(**sched_kwargs, set_alpha_to_one=False)
         if scheduler == "ddim"

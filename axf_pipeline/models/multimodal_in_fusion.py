@@ -29,8 +29,8 @@ class MaskEncoder(nn.Module):
 class MultiModalInFusion(ModelMixin, ConfigMixin):
     r"""Builds the X-embedding ``e_X = concat(e_sem, e_loc, e_tex)`` refined by ``e_X + MLP(SelfAttn(e_X))``.
 
-    * semantic (eq. 1): the pooled CLIP text embedding, L2-normalised, projected to ``d`` when widths
-      differ, repeated ``k`` times;
+    * semantic (eq. 1): the pooled CLIP text embedding, projected to ``d`` when widths differ, then
+      L2-normalised (so every e_sem token has unit norm), repeated ``k`` times;
     * location (eq. 2): mask encoder + one conv (channels → ``k``) + one linear (grid → ``d``);
     * textural (eq. 3): the CLIP image embedding of ``reference ⊙ reference_mask`` projected to ``k × d``.
       Without a reference the projection sees a zero embedding, which training also shows it
@@ -76,7 +76,7 @@ class MultiModalInFusion(ModelMixin, ConfigMixin):
         return self.config.num_tokens * (3 if self.config.use_semantic else 2)
 
     def semantic_tokens(self, text_embeds: torch.Tensor) -> torch.Tensor:
-        e = self.semantic_proj(F.normalize(text_embeds, dim=-1))
+        e = F.normalize(self.semantic_proj(text_embeds), dim=-1)  # unit norm in the UNet's width
         return e.unsqueeze(1).expand(-1, self.config.num_tokens, -1)
 
     def location_tokens(self, mask: torch.Tensor) -> torch.Tensor:

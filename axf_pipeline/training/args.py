@@ -116,9 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--loss_mask_weight",
         type=float,
-        default=1.0,
-        help="Mask weighting of eq. 17 in [0, 1]: per-pixel weight (1 - w) + w * mask. 1 (default, as the "
-        "reference code) = loss inside the defect mask only; 0 = plain unweighted noise prediction.",
+        default=None,
+        help="Mask weighting of eq. 17 in [0, 1]: per-pixel weight (1 - w) + w * mask; 1 = loss inside the "
+        "defect mask only (the reference code), 0 = plain unweighted loss. Default by the base UNet: 1 for a "
+        "4-channel UNet (sampling replaces everything outside the mask at every step), 0 for a 9-channel "
+        "inpainting UNet (its predictions outside the mask are used while sampling).",
     )
     g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
     g.add_argument("--gradient_checkpointing", action="store_true", help="Recompute UNet activations.")
@@ -180,7 +182,7 @@ def check_args(args: argparse.Namespace) -> None:
         bad("--lora_rank and --train_unet full exclude each other: a fully trained UNet needs no LoRA")
     for name in ("loss_mask_weight", "reference_drop_prob", "caption_drop_prob", "crop_jitter"):
         value = getattr(args, name)
-        if not 0.0 <= value <= 1.0:
+        if value is not None and not 0.0 <= value <= 1.0:
             bad(f"--{name} must be in [0, 1], got {value}")
     if args.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         bad("--push_to_hub was given but HF_HUB_OFFLINE is set: the push would fail after training")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..image_processing import binarize_mask
+from ..image_processing import binarize_mask, crop_window, mask_box
 from .args import TrainingInputError
 
 REQUIRED_COLUMNS = ("image", "mask", "caption", "category", "defect_type", "is_anomaly", "fold")
@@ -97,14 +97,6 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([int(k) & 0xFFFFFFFF for k in key])
 
 
-def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    """(x0, y0, x1, y1) of the mask's non-zero pixels, exclusive end; None when empty."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return None
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-
-
 def crop_around_mask(
     image: Image.Image,
     mask: Image.Image,
@@ -115,30 +107,18 @@ def crop_around_mask(
 ) -> tuple[Image.Image, Image.Image, tuple[int, int, int, int, int, bool]]:
     """A ``resolution``² crop holding the defect, at native detail when the defect fits.
 
-    The image is only rescaled when its short side is below ``resolution`` (upscale) or the defect is
-    larger than the crop (downscale until it fits, never below covering the crop). Image and mask get
-    the same box and flip. Returns the crops and a key ``(w, h, x0, y0, scaled side, flipped)``.
+    The window is :func:`axf_pipeline.image_processing.crop_window`, the one the pipeline samples in
+    (there without jitter), so a defect and its reference have the same scale in training and sampling.
+    Image and mask get the same box and flip. Returns the crops and a key ``(w, h, x0, y0, side, flipped)``.
     """
     width, height = image.size
-    box = mask_box(np.asarray(mask) > 0) or (0, 0, width, height)
-    scale = max(resolution / min(width, height), 1.0)
-    defect = max(box[2] - box[0], box[3] - box[1]) * scale
-    if defect > resolution:
-        scale = max(scale * resolution / defect, resolution / min(width, height))
-    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    shift = (jitter * rng.uniform(-1, 1), jitter * rng.uniform(-1, 1)) if jitter else (0.0, 0.0)
+    new_w, new_h, x0, y0 = crop_window(
+        width, height, mask_box(np.asarray(mask) > 0), (resolution, resolution), shift
+    )
     if (new_w, new_h) != (width, height):
         image = image.resize((new_w, new_h), Image.BICUBIC)
         mask = mask.resize((new_w, new_h), Image.NEAREST)
-    sx, sy = new_w / width, new_h / height
-    cx, cy = (box[0] + box[2]) / 2 * sx, (box[1] + box[3]) / 2 * sy
-    x0 = min(max(cx - resolution / 2, 0), new_w - resolution)
-    y0 = min(max(cy - resolution / 2, 0), new_h - resolution)
-    # Jitter within the room that keeps the defect's centre inside the crop.
-    room_x = min(resolution / 2, x0 + 0.0, new_w - resolution - x0) if jitter else 0
-    room_y = min(resolution / 2, y0 + 0.0, new_h - resolution - y0) if jitter else 0
-    x0 = round(x0 + jitter * room_x * rng.uniform(-1, 1)) if jitter else round(x0)
-    y0 = round(y0 + jitter * room_y * rng.uniform(-1, 1)) if jitter else round(y0)
-    x0, y0 = min(max(x0, 0), new_w - resolution), min(max(y0, 0), new_h - resolution)
     crop = (x0, y0, x0 + resolution, y0 + resolution)
     image, mask = image.crop(crop), mask.crop(crop)
     if flip:

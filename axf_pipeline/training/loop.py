@@ -18,6 +18,7 @@ from .data import (
     load_mvtec_caption,
     select_training_data,
 )
+from .loss import default_loss_mask_weight
 from .model import (
     BatchEncoder,
     XFusionDenoiser,
@@ -104,6 +105,8 @@ def train(args: argparse.Namespace) -> TrainingResult:
         components, args.train_unet, args.lora_rank, args.lora_alpha, accelerator.device, weight_dtype
     )
     unet, mif, ddf = components["unet"], components["mif"], components["ddf"]
+    if args.loss_mask_weight is None:  # by the UNet; resolved here so the model card records the value
+        args.loss_mask_weight = default_loss_mask_weight(unet.config.in_channels)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     denoiser = XFusionDenoiser(unet, mif, ddf)

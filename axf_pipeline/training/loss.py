@@ -1,11 +1,18 @@
-"""Eq. 17, ``||ε − ε_θ(x_t, e_t, t)||²``, optionally weighted by the defect mask.
+"""Eq. 17, ``||ε − ε_θ(x_t, e_t, t)||²`` (or the v target of a v-prediction base), optionally weighted
+by the defect mask: per-pixel weight ``(1 − w) + w · mask`` with ``w = --loss_mask_weight``.
 
-Default ``--loss_mask_weight 1``: the loss counts only latent pixels under the (max-pooled) mask, as
-the authors' reference code does. Sampling (eq. 16) replaces everything outside the mask with the
-noised original at every step, so the model's predictions there are never used; spending gradient on
-them would pull the few trained parameters (MIF, DDF, LoRA) towards re-predicting the normal
-background the frozen UNet already handles. Lower the weight (0 = plain eq. 17) when a UNet is
-trained from scratch (``--train_unet full``) and must learn whole images too.
+The default ``w`` depends on the UNet (:func:`default_loss_mask_weight`):
+
+* 4-channel UNet: ``w = 1``, the loss counts only latent pixels under the (max-pooled) mask, as the
+  authors' reference code does. Sampling (eq. 16) replaces everything outside the mask with the noised
+  original at every step, so the model's predictions there are never used; spending gradient on them
+  would pull the few trained parameters (MIF, DDF, LoRA) towards re-predicting the normal background
+  the frozen UNet already handles.
+* 9-channel inpainting UNet: ``w = 0``, plain eq. 17. There is no eq. 16 blending: the UNet's
+  predictions outside the mask are kept from step to step and shape the defect through its receptive
+  field, so a LoRA must stay supervised there too.
+
+Lower ``w`` also when a UNet is trained from scratch (``--train_unet full``) and must learn whole images.
 """
 
 from __future__ import annotations
@@ -13,6 +20,12 @@ from __future__ import annotations
 import torch
 
 from ..image_processing import latent_mask
+
+
+def default_loss_mask_weight(unet_in_channels: int) -> float:
+    """``--loss_mask_weight`` when not given: 1 for a 4-channel UNet (eq. 16 blending makes outside-mask
+    predictions unused), 0 for a 9-channel inpainting UNet (they are used)."""
+    return 0.0 if unet_in_channels == 9 else 1.0
 
 
 def noise_prediction_loss(

@@ -161,7 +161,13 @@ class StepInputs:
 
 @dataclass
 class BatchEncoder:
-    """Frozen encoders (VAE, CLIP text, CLIP image) turning a data batch into the denoiser's inputs."""
+    """Frozen encoders (VAE, CLIP text, CLIP image) turning a data batch into the denoiser's inputs.
+
+    Noise is added by a ``DDPMScheduler`` built from the base scheduler's config, as diffusers' training
+    scripts do: a sigma-space sampler (Euler, LMS, Heun) would otherwise noise in its own scale (std ≈ 15
+    at t = 999 instead of ≈ 1). The target follows the config's ``prediction_type``: the noise
+    (``epsilon``) or ``get_velocity`` (``v_prediction``).
+    """
 
     vae: object
     text_encoder: object
@@ -173,6 +179,11 @@ class BatchEncoder:
     cache_latents: bool = False
     _latents: dict = field(default_factory=dict)
     _text: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        from diffusers import DDPMScheduler
+
+        self.scheduler = DDPMScheduler.from_config(self.scheduler.config)
 
     @property
     def device(self):
