@@ -395,9 +395,9 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
             raise ValueError("reference_image given but this pipeline has no image_encoder")
         if size is not None:
             windows = [ip.mask_crop_region(m, (size, size)) for m in masks]
-            references = [
-                self._resize(r[None, :, y1:y2, x1:x2], (size, size))[0]
-                for r, (x1, y1, x2, y2) in zip(references, windows, strict=True)
+            references = [  # masked before resizing, so no pixel outside the mask blends in
+                self._resize((r * m)[None, :, y1:y2, x1:x2], (size, size))[0]
+                for r, m, (x1, y1, x2, y2) in zip(references, masks, windows, strict=True)
             ]
             masks = [
                 ip.resize_mask(m[None, :, y1:y2, x1:x2], (size, size))[0]

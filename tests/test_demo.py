@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from axf_pipeline.demo.measure import outside_mask_change, read_defect
@@ -23,6 +24,34 @@ def test_measure_reads_every_painted_colour_and_shape_and_nothing_on_a_normal_im
     assert read_defect(normal, normal, square_mask(rng, 32, 12))[:2] == ("none", "none")
 
 
+def test_controllability_counts_the_defects_whose_colour_and_shape_match_their_caption():
+    from axf_pipeline.demo.run import measure
+
+    rng = np.random.default_rng(5)
+    colours, shapes = list(COLOURS), list(SHAPES)
+    jobs = []
+    for i, colour in enumerate(colours):
+        for j, shape in enumerate(shapes):
+            normal, mask = normal_image(rng, 32), square_mask(rng, 32, 12)
+            # paint: right defect / wrong colour / wrong shape / nothing, in turn
+            kind = (i * len(shapes) + j) % 4
+            painted_colour = colour if kind != 1 else colours[(i + 1) % len(colours)]
+            painted_shape = shape if kind != 2 else shapes[(j + 1) % len(shapes)]
+            generated = normal if kind == 3 else paint_defect(normal, mask, painted_colour, painted_shape, rng)
+            jobs.append({"normal": normal, "mask": mask, "colour": colour, "shape": shape, "generated": generated})
+    kinds = [k % 4 for k in range(len(jobs))]
+    n = len(jobs)
+    result = measure(jobs)
+    assert result["num_generated"] == n
+    assert result["text_controllability"] == pytest.approx(kinds.count(0) / n)
+    assert result["colour_accuracy"] == pytest.approx((kinds.count(0) + kinds.count(2)) / n)
+    assert result["shape_accuracy"] == pytest.approx((kinds.count(0) + kinds.count(1)) / n)
+    assert result["max_outside_mask_change"] == 0
+    jobs[0]["generated"] = jobs[0]["generated"].copy()
+    jobs[0]["generated"][jobs[0]["mask"] == 0] ^= 8  # a changed background is reported
+    assert measure(jobs)["max_outside_mask_change"] == 8
+
+
 def test_fast_demo_runs_the_chain_and_writes_grid_metrics_and_table(tmp_path):
     from axf_pipeline import AnomalyXFusionPipeline
     from axf_pipeline.demo.run import main
@@ -36,7 +65,10 @@ def test_fast_demo_runs_the_chain_and_writes_grid_metrics_and_table(tmp_path):
     (result,) = report["results"]
     assert result["num_generated"] == 2 * len(COLOURS) * len(SHAPES)
     assert result["max_outside_mask_change"] == 0
-    assert 0.0 <= result["text_controllability"] <= 1.0
+    # both right implies each right; each wrong at most once per image
+    c, colour, shape = result["text_controllability"], result["colour_accuracy"], result["shape_accuracy"]
+    assert max(0.0, colour + shape - 1) - 1e-9 <= c <= min(colour, shape) + 1e-9
+    assert c * result["num_generated"] == pytest.approx(round(c * result["num_generated"]))
     assert result["ic_lpips_random_backbone"]["real_score"] is False
     grid = Image.open(result["grid"])
     assert grid.width > grid.height / len(COLOURS) and grid.height > 0

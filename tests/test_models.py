@@ -92,3 +92,13 @@ def test_modules_round_trip_through_safetensors(tmp_path):
     torch.testing.assert_close(mif2(mask, text), mif(mask, text))
     x = torch.randn(1, 4, 32)
     torch.testing.assert_close(ddf2(x, 5), ddf(x, 5))
+
+
+def test_semantic_tokens_are_unit_norm_after_the_projection_when_widths_differ():
+    mif = tiny_mif()  # text width 24, cross-attention width 32: e_sem goes through a projection
+    assert isinstance(mif.semantic_proj, torch.nn.Linear)
+    with torch.no_grad():
+        mif.semantic_proj.weight.mul_(7.0)  # a projection that does not preserve norms
+    tokens = mif.semantic_tokens(torch.randn(2, 24) * 10)
+    assert tokens.shape == (2, 3, 32)
+    torch.testing.assert_close(tokens.norm(dim=-1), torch.ones(2, 3))

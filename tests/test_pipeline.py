@@ -458,3 +458,263 @@ def test_generate_command_writes_image_mask_pairs(pipe, tmp_path):
     (tmp_path / "masks" / "001_mask.png").unlink()
     with pytest.raises(FileNotFoundError, match="no mask for image .*001.png"):
         main(argv)
+
+
+# ---------------------------------------------------------------- eq. 16, DDF, eq. 3: tests that can fail
+def image_latents_of(pipe, image):
+    pixels = pipe.image_processor.normalize(torch.from_numpy(np.array(image)).permute(2, 0, 1)[None] / 255.0)
+    with torch.no_grad():
+        return pipe.vae.encode(pixels).latent_dist.mode() * pipe.vae.config.scaling_factor
+
+
+def test_each_step_keeps_the_noised_original_outside_the_mask(pipe):
+    """Eq. 16 on the latents themselves (the final pixel paste alone would hide a broken blend)."""
+    from axf_pipeline.image_processing import latent_mask
+
+    image, mask = image_and_mask()
+    size = 32 // pipe.vae_scale_factor
+    noise = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(3))
+    known = image_latents_of(pipe, image)
+    outside = latent_mask(torch.from_numpy(np.array(mask) > 0).float()[None, None], pipe.vae_scale_factor) == 0
+    outside = outside.expand_as(noise)
+    steps = []
+
+    def record(p, i, t, kwargs):
+        steps.append((i, kwargs["latents"].clone(), p.scheduler.timesteps.clone()))
+        return kwargs
+
+    pipe(**inputs(num_inference_steps=3, latents=noise, output_type="latent"), callback_on_step_end=record)
+    assert [i for i, *_ in steps] == [0, 1, 2]
+    for i, latents, timesteps in steps:
+        expected = known if i == 2 else pipe.scheduler.add_noise(known, noise, timesteps[i + 1 : i + 2])
+        torch.testing.assert_close(latents[outside], expected[outside], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(latents[~outside], expected[~outside], atol=1e-3)  # the defect is free
+
+
+def test_ddf_changes_the_conditioning_with_the_step():
+    """A trained (non-zero) DDF: the e_t tokens the UNet sees are DDF(e_X, t) at each step's t."""
+    pipe = make_pipe()
+    torch.manual_seed(0)
+    torch.nn.init.normal_(pipe.ddf.mlp[-1].weight, std=0.5)
+    seen, x_embeds = [], []
+
+    def grab(module, args, kwargs):
+        seen.append((args[1], kwargs["encoder_hidden_states"].clone()))
+
+    hook = pipe.unet.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        pipe(
+            **inputs(num_inference_steps=3),
+            callback_on_step_end=lambda p, i, t, kw: x_embeds.append(kw["x_embeds"]) or kw,
+            callback_on_step_end_tensor_inputs=["x_embeds"],
+        )
+    finally:
+        hook.remove()
+    n = pipe.mif.num_output_tokens
+    assert len(seen) == 3 and len({float(t) for t, _ in seen}) == 3
+    for (t, states), e_x in zip(seen, x_embeds, strict=True):
+        torch.testing.assert_close(states[:, -n:], pipe.ddf(e_x, t))
+    assert not torch.allclose(seen[0][1][:, -n:], seen[2][1][:, -n:], atol=1e-3)  # e_t moves with t
+    torch.testing.assert_close(seen[0][1][:, :-n], seen[2][1][:, :-n])  # the prompt tokens do not
+
+
+def clip_inputs(pipe, **kwargs):
+    seen = []
+    hook = pipe.image_encoder.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+    try:
+        out = pipe(**inputs(**kwargs))
+    finally:
+        hook.remove()
+    return seen, out
+
+
+def test_a_defect_at_the_edge_of_a_non_square_reference_reaches_clip(pipe):
+    """CLIP's processor centre-crops; the pipeline cuts the reference around its mask first."""
+    black = np.zeros((64, 32, 3), np.uint8)
+    reference, ref_mask = black.copy(), np.zeros((64, 32), np.uint8)
+    reference[0:6, 8:24] = 255  # a defect in the top rows
+    ref_mask[0:6, 8:24] = 1
+    (with_defect,), _ = clip_inputs(pipe, reference_image=reference, reference_mask=ref_mask)
+    (all_black,), _ = clip_inputs(pipe, reference_image=black, reference_mask=ref_mask)
+    assert not torch.allclose(with_defect, all_black)
+    # what CLIP sees is the training crop (window around the mask) of reference ⊙ mask
+    from PIL import Image
+
+    from axf_pipeline.training.data import crop_around_mask
+
+    crop, crop_mask, _ = crop_around_mask(
+        Image.fromarray(reference), Image.fromarray(ref_mask * 255), 32, np.random.default_rng(0), jitter=0
+    )
+    masked = np.asarray(crop) * (np.asarray(crop_mask)[..., None] > 0)
+    expected = pipe.feature_extractor(images=masked, return_tensors="pt").pixel_values
+    torch.testing.assert_close(with_defect, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_reference_is_masked_before_clip(pipe):
+    """Eq. 3: only reference ⊙ reference_mask matters."""
+    rng = np.random.default_rng(7)
+    reference = rng.integers(0, 256, (40, 24, 3), dtype=np.uint8)
+    ref_mask = np.zeros((40, 24), np.uint8)
+    ref_mask[5:30, 4:20] = 1
+    base = pipe(**inputs(reference_image=reference, reference_mask=ref_mask)).images
+    outside_changed = reference.copy()
+    outside_changed[ref_mask == 0] = 255 - outside_changed[ref_mask == 0]
+    inside_changed = reference.copy()
+    inside_changed[ref_mask > 0] = 255 - inside_changed[ref_mask > 0]
+    assert np.array_equal(base, pipe(**inputs(reference_image=outside_changed, reference_mask=ref_mask)).images)
+    assert not np.array_equal(base, pipe(**inputs(reference_image=inside_changed, reference_mask=ref_mask)).images)
+    assert not np.array_equal(base, pipe(**inputs(reference_image=reference)).images)  # whole image
+
+
+def test_strength_below_one_starts_from_the_noised_image_at_the_right_step(pipe):
+    from diffusers.utils.torch_utils import randn_tensor
+
+    image, _ = image_and_mask()
+    first = []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, a: first.append((a[0].clone(), a[1])))
+    try:
+        pipe(**inputs(strength=0.5, num_inference_steps=4))
+    finally:
+        hook.remove()
+    timesteps = pipe.scheduler.timesteps
+    assert [float(t) for _, t in first] == [float(t) for t in timesteps[2:]]  # 2 of 4 steps, the late ones
+    size = 32 // pipe.vae_scale_factor
+    noise = randn_tensor((1, 4, size, size), generator=torch.Generator().manual_seed(0))
+    expected = pipe.scheduler.add_noise(image_latents_of(pipe, image), noise, timesteps[2:3])
+    torch.testing.assert_close(first[0][0], expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- the generation window (training scale)
+def test_a_large_image_is_generated_in_the_training_window_around_its_mask(pipe):
+    from PIL import Image
+
+    from axf_pipeline.training.data import crop_around_mask
+
+    image, mask = image_and_mask(96, 128, box=(70, 76, 100, 106))  # 6 x 6 defect, model size 32
+    seen = []
+    hook = pipe.mif.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+    try:
+        out = pipe(**inputs(image=image, mask_image=mask, output_type="pil"))
+    finally:
+        hook.remove()
+    _, train_mask, _ = crop_around_mask(image, mask, 32, np.random.default_rng(0), jitter=0)
+    assert np.array_equal(seen[0][0, 0].numpy() > 0, np.asarray(train_mask) > 0)  # native scale, as trained
+    assert (seen[0] > 0).sum() == 36
+    result, src, m = np.array(out.images[0]), np.array(image), np.array(mask) > 0
+    assert result.shape == src.shape and not changed(result, src)[~m].any()
+    assert changed(result, src)[m].mean() > 0.9
+    # an image of the model's size is used whole
+    seen.clear()
+    hook = pipe.mif.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+    try:
+        pipe(**inputs())
+    finally:
+        hook.remove()
+    assert np.array_equal(seen[0][0, 0].numpy() > 0, np.array(image_and_mask()[1]) > 0)
+    del Image
+
+
+# ---------------------------------------------------------------- prompts, text off, guidance
+def test_a_one_element_prompt_list_is_broadcast_like_a_string(pipe):
+    (image, mask), (image2, mask2) = image_and_mask(), image_and_mask(seed=1, box=(2, 12, 4, 30))
+    common = dict(image=[image, image2], mask_image=[mask, mask2])
+    as_list = pipe(**inputs(prompt=["a scratch"], **common)).images
+    as_string = pipe(**inputs(prompt="a scratch", **common)).images
+    assert as_list.shape == (2, 32, 32, 3) and np.array_equal(as_list, as_string)
+
+
+@pytest.fixture(scope="module")
+def pipe_no_text():
+    return make_pipe(use_semantic=False, use_ddf=False)
+
+
+def test_prompts_to_a_model_without_text_warn_once_and_keep_the_batch(pipe_no_text, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="axf_pipeline.pipeline_anomaly_x_fusion")
+    pipe_no_text._warned_text_unused = False
+    out = pipe_no_text(**inputs(prompt=["a", "b", "c"]))
+    assert out.images.shape == (3, 32, 32, 3)
+    warnings = [r for r in caplog.records if "no text condition" in r.getMessage()]
+    assert len(warnings) == 1 and "not used" in warnings[0].getMessage()
+    pipe_no_text(**inputs(prompt="a"))
+    assert len([r for r in caplog.records if "no text condition" in r.getMessage()]) == 1  # once
+    caplog.clear()
+    pipe_no_text._warned_text_unused = False
+    pipe_no_text(**inputs(prompt=None))
+    assert not [r for r in caplog.records if "no text condition" in r.getMessage()]
+
+
+def test_guidance_is_skipped_when_there_is_nothing_to_guide(pipe_no_text):
+    calls = []
+    hook = pipe_no_text.unet.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    try:
+        guided = pipe_no_text(**inputs(prompt=None, guidance_scale=7.5)).images
+        assert calls == [1] * STEPS  # no text, no reference: one branch
+        plain = pipe_no_text(**inputs(prompt=None, guidance_scale=1.0)).images
+        calls.clear()
+        reference = image_and_mask(seed=4)[0]
+        pipe_no_text(**inputs(prompt=None, guidance_scale=7.5, reference_image=reference))
+        assert calls == [2] * STEPS  # the reference is something to guide towards
+    finally:
+        hook.remove()
+    assert np.array_equal(guided, plain)
+
+
+def test_negative_guidance_scale_is_refused(pipe):
+    with pytest.raises(ValueError, match="guidance_scale must be >= 0"):
+        pipe(**inputs(guidance_scale=-2.0))
+
+
+# ---------------------------------------------------------------- diffusers conventions
+def test_encode_prompt_ends_with_a_plain_return_of_named_outputs():
+    """diffusers' pipeline tests read encode_prompt's outputs by the names in its last return."""
+    import ast
+    import inspect
+
+    source = textwrap.dedent(inspect.getsource(AnomalyXFusionPipeline.encode_prompt))
+    func = ast.parse(source).body[0]
+    nested = [n for n in ast.walk(func) if n is not func and isinstance(n, (ast.FunctionDef, ast.Lambda))]
+    assert not nested
+    returns = [n for n in ast.walk(func) if isinstance(n, ast.Return)]
+    assert len(returns) == 1 and func.body[-1] is returns[0]
+    assert isinstance(returns[0].value, ast.Tuple)
+    assert [e.id for e in returns[0].value.elts] == [
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "pooled_prompt_embeds",
+        "negative_pooled_prompt_embeds",
+    ]
+
+
+def test_pickle_weights_are_refused_at_save_and_named_at_load(pipe, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    with pytest.raises(ValueError, match="safetensors weights only"):
+        pipe.save_pretrained(tmp_path / "refused", safe_serialization=False)
+    assert not (tmp_path / "refused").exists()
+    DiffusionPipeline.save_pretrained(pipe, tmp_path / "pickle", safe_serialization=False)  # another tool
+    with pytest.raises(OSError, match="safetensors weights only"):
+        AnomalyXFusionPipeline.from_pretrained(tmp_path / "pickle")
+
+
+def test_model_cpu_offload_installs_the_hook_chain_and_a_call_runs():
+    """What a CPU can check: the hooks follow model_cpu_offload_seq and the result is unchanged. Moving
+    weights between a GPU and the CPU is not exercised here (no GPU in the tests)."""
+    reference = make_pipe()(**inputs()).images
+    offloaded = make_pipe()
+    offloaded.enable_model_cpu_offload(device="cpu")
+    modules = {id(c): n for n, c in offloaded.components.items() if isinstance(c, torch.nn.Module)}
+    chain = [modules[id(h.model)] for h in offloaded._all_hooks]
+    assert chain == offloaded.model_cpu_offload_seq.split("->")
+    assert all(hasattr(offloaded.components[n], "_hf_hook") for n in chain)
+    np.testing.assert_allclose(offloaded(**inputs()).images, reference, atol=1e-5)
+
+
+def test_tiny_schedulers_use_steps_offset_1_no_deprecation_warning():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stable_diffusion_pipeline(build_tiny_components())
+    assert not [w for w in caught if "steps_offset" in str(w.message)]
