@@ -77,9 +77,10 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
     Each denoising step conditions the UNet's cross-attention on ``concat(prompt tokens, e_t)`` with
     ``e_t = DDF(e_X, t)`` and ``e_X = MIF(mask, pooled text, CLIP image of reference ⊙ reference mask)``.
     With a 4-channel UNet, the latents are blended with the noised original outside the mask at every
-    step (eq. 16); a 9-channel inpainting UNet additionally sees the mask and the masked-image latents.
-    After decoding, the input pixels are put back outside the mask, so the result equals the input
-    there exactly, at the input's own size.
+    step (eq. 16); a 9-channel inpainting UNet instead sees the mask and the masked-image latents, and
+    its own predictions outside the mask are kept from step to step (no blending). After decoding, the
+    input pixels are put back outside the mask, so the result equals the input there exactly, at the
+    input's own size.
 
     Components: ``vae``, ``text_encoder``, ``tokenizer``, ``unet``, ``scheduler``, ``mif``
     (:class:`MultiModalInFusion`), optional ``ddf`` (:class:`DynamicDifFusion`; ``None`` ablates DDF),
@@ -372,7 +373,9 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
         prompt_embeds = prompt_embeds.to(**to).repeat_interleave(num_images_per_prompt, 0)
         pooled_prompt_embeds = pooled_prompt_embeds.to(**to).repeat_interleave(num_images_per_prompt, 0)
         if do_classifier_free_guidance:
-            negative_prompt_embeds = negative_prompt_embeds.to(**to).repeat_interleave(num_images_per_prompt, 0)
+            negative_prompt_embeds = negative_prompt_embeds.to(**to).repeat_interleave(
+                num_images_per_prompt, 0
+            )
             negative_pooled_prompt_embeds = negative_pooled_prompt_embeds.to(**to).repeat_interleave(
                 num_images_per_prompt, 0
             )

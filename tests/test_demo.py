@@ -37,8 +37,12 @@ def test_controllability_counts_the_defects_whose_colour_and_shape_match_their_c
             kind = (i * len(shapes) + j) % 4
             painted_colour = colour if kind != 1 else colours[(i + 1) % len(colours)]
             painted_shape = shape if kind != 2 else shapes[(j + 1) % len(shapes)]
-            generated = normal if kind == 3 else paint_defect(normal, mask, painted_colour, painted_shape, rng)
-            jobs.append({"normal": normal, "mask": mask, "colour": colour, "shape": shape, "generated": generated})
+            generated = (
+                normal if kind == 3 else paint_defect(normal, mask, painted_colour, painted_shape, rng)
+            )
+            jobs.append(
+                {"normal": normal, "mask": mask, "colour": colour, "shape": shape, "generated": generated}
+            )
     kinds = [k % 4 for k in range(len(jobs))]
     n = len(jobs)
     result = measure(jobs)

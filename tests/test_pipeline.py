@@ -475,7 +475,9 @@ def test_each_step_keeps_the_noised_original_outside_the_mask(pipe):
     size = 32 // pipe.vae_scale_factor
     noise = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(3))
     known = image_latents_of(pipe, image)
-    outside = latent_mask(torch.from_numpy(np.array(mask) > 0).float()[None, None], pipe.vae_scale_factor) == 0
+    outside = (
+        latent_mask(torch.from_numpy(np.array(mask) > 0).float()[None, None], pipe.vae_scale_factor) == 0
+    )
     outside = outside.expand_as(noise)
     steps = []
 
@@ -561,8 +563,12 @@ def test_the_reference_is_masked_before_clip(pipe):
     outside_changed[ref_mask == 0] = 255 - outside_changed[ref_mask == 0]
     inside_changed = reference.copy()
     inside_changed[ref_mask > 0] = 255 - inside_changed[ref_mask > 0]
-    assert np.array_equal(base, pipe(**inputs(reference_image=outside_changed, reference_mask=ref_mask)).images)
-    assert not np.array_equal(base, pipe(**inputs(reference_image=inside_changed, reference_mask=ref_mask)).images)
+    assert np.array_equal(
+        base, pipe(**inputs(reference_image=outside_changed, reference_mask=ref_mask)).images
+    )
+    assert not np.array_equal(
+        base, pipe(**inputs(reference_image=inside_changed, reference_mask=ref_mask)).images
+    )
     assert not np.array_equal(base, pipe(**inputs(reference_image=reference)).images)  # whole image
 
 
@@ -586,8 +592,6 @@ def test_strength_below_one_starts_from_the_noised_image_at_the_right_step(pipe)
 
 # ---------------------------------------------------------------- the generation window (training scale)
 def test_a_large_image_is_generated_in_the_training_window_around_its_mask(pipe):
-    from PIL import Image
-
     from axf_pipeline.training.data import crop_around_mask
 
     image, mask = image_and_mask(96, 128, box=(70, 76, 100, 106))  # 6 x 6 defect, model size 32
@@ -611,7 +615,6 @@ def test_a_large_image_is_generated_in_the_training_window_around_its_mask(pipe)
     finally:
         hook.remove()
     assert np.array_equal(seen[0][0, 0].numpy() > 0, np.array(image_and_mask()[1]) > 0)
-    del Image
 
 
 # ---------------------------------------------------------------- prompts, text off, guidance

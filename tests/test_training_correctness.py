@@ -94,7 +94,9 @@ def test_loss_mask_weight_counts_what_it_says():
     # w = 0: the plain mean over 16 cells
     assert noise_prediction_loss(pred, target, mask, 0.0).item() == pytest.approx((15 + 9) / 16)
     # w = 0.5: weights 0.5 outside, 1 inside, normalised
-    assert noise_prediction_loss(pred, target, mask, 0.5).item() == pytest.approx((15 * 0.5 + 9) / (15 * 0.5 + 1))
+    assert noise_prediction_loss(pred, target, mask, 0.5).item() == pytest.approx(
+        (15 * 0.5 + 9) / (15 * 0.5 + 1)
+    )
     # no mask: plain mean
     assert noise_prediction_loss(pred, target, None, 1.0).item() == pytest.approx((15 + 9) / 16)
 
@@ -132,7 +134,9 @@ def tiny_data(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("correctness")
     tree = make_sample_tree(root / "tree", "ad", captions_path=root / "captions.json", scale=0.04)
-    export_dataset("ad", tree.root, root / "export", captions=root / "captions.json", cache_dir=root / "cache")
+    export_dataset(
+        "ad", tree.root, root / "export", captions=root / "captions.json", cache_dir=root / "cache"
+    )
     return root
 
 
