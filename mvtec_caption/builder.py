@@ -8,7 +8,7 @@ from pathlib import Path
 
 import datasets
 
-from .captions import Captions, caption_source_url, read_captions, verify_caption_source
+from .captions import Captions, read_captions, shipped_captions
 from .errors import MVTecCaptionError
 from .layout import CATEGORIES, Record, check_categories, find_data_root, iter_records
 from .masks import check_mask_sizes, mask_png
@@ -64,7 +64,7 @@ def _features() -> datasets.Features:
 
 @dataclass
 class MVTecCaptionConfig(datasets.BuilderConfig):
-    """`captions`: authors' .py or JSON file, None = fetch the pinned authors' file.
+    """`captions`: authors' .py or JSON file, None = the authors' captions shipped with the package.
     `categories`: subset to build, None = every captioned category."""
 
     captions: str | None = None
@@ -137,25 +137,13 @@ class MVTecCaption(datasets.GeneratorBasedBuilder):
 
     def _load_captions(self, dl_manager: datasets.DownloadManager) -> Captions:
         layout = self.config.name
-        if self.config.captions is not None:
-            captions = read_captions(self.config.captions)
-        else:
-            url = caption_source_url(layout)
-            try:
-                path = dl_manager.download(url)
-            except Exception as err:
-                raise MVTecCaptionError(
-                    f"Could not fetch the MVTec Caption captions from {url} ({type(err).__name__}: {err}). "
-                    f"Download that file yourself and pass it: captions='Construct_MVTEC-{layout.upper()}-Caption.py' "
-                    "(builder) or --captions FILE (command line); a JSON file {category: {defect_type: [caption]}} "
-                    "works too."
-                ) from err
-            verify_caption_source(path, layout)
-            captions = read_captions(path)
+        if self.config.captions is None:
+            return shipped_captions(layout)  # the authors' captions, shipped with the package
+        captions = read_captions(self.config.captions)
         unknown = [c for c in captions if c not in CATEGORIES[layout]]
         if unknown:
             raise MVTecCaptionError(
-                f"Captions file {self.config.captions or 'fetched'} names categories {unknown} that are not "
+                f"Captions file {self.config.captions} names categories {unknown} that are not "
                 f"MVTec {layout.upper()} categories; is it the captions file of the other config?"
             )
         return captions

@@ -4,6 +4,7 @@ mvtec-caption build --config loco --data-dir mvtec_loco_anomaly_detection.tar.xz
 mvtec-caption build                      # no MVTec copy: builds both configs from a generated sample tree
 mvtec-caption check outputs/mvtec_caption
 mvtec-caption push outputs/mvtec_caption --repo-id <user>/mvtec_caption
+mvtec-caption verify                     # fetch the authors' files and compare them with the shipped captions
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .captions import read_captions
+from .captions import (
+    CAPTION_SOURCES,
+    CAPTIONS_COMMIT,
+    CAPTIONS_REPO,
+    fetch_caption_source,
+    read_captions,
+    shipped_captions_path,
+    verify_shipped_captions,
+)
 from .errors import MVTecCaptionError
 from .export import (
     CONFIGS,
@@ -61,7 +70,26 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--repo-id", required=True, help="<user or org>/mvtec_caption")
     push.add_argument("--private", action="store_true")
     push.add_argument("--token", help="Hub token (default: the logged-in one)")
+
+    verify = commands.add_parser(
+        "verify", help="fetch the authors' caption files (pinned commit) and compare them with the shipped copies"
+    )
+    verify.add_argument("--config", choices=tuple(CAPTION_SOURCES), help="ad or loco (default: both)")
+    verify.add_argument("--source", type=Path, help="a local copy of the authors' Construct_*.py (no download)")
+    verify.add_argument("--cache-dir", type=Path, help="download cache")
     return parser
+
+
+def _verify(args: argparse.Namespace) -> None:
+    if args.source is not None and args.config is None:
+        raise MVTecCaptionError("--config {ad,loco} is required with --source")
+    for config_name in [args.config] if args.config else list(CAPTION_SOURCES):
+        source = args.source or fetch_caption_source(config_name, args.cache_dir)
+        count = verify_shipped_captions(config_name, source)
+        print(
+            f"{config_name}: {count} captions of {source} ({CAPTIONS_REPO}@{CAPTIONS_COMMIT[:12]}) "
+            f"match the shipped {shipped_captions_path(config_name).name}"
+        )
 
 
 def _print_summary(output: Path) -> None:
@@ -121,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "push":
             url = push_to_hub(args.output, args.repo_id, token=args.token, private=args.private)
             print(f"Pushed {args.output} to {url}")
+        elif args.command == "verify":
+            _verify(args)
     except MVTecCaptionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
