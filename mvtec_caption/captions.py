@@ -15,6 +15,18 @@ from pathlib import Path
 from .errors import MVTecCaptionError
 
 Captions = dict[str, dict[str, list[str]]]
+# A custom tree's captions: per defect type a list (image order) or {image file name or path: caption}.
+CustomCaptions = dict[str, dict[str, "list[str] | dict[str, str]"]]
+TEMPLATE = "a {defect} on the {category}"
+
+
+def template_caption(category: str, defect_type: str) -> str:
+    """The caption of an uncaptioned image, from its folder names: "a <defect type words> on the <category>"."""
+
+    def words(name: str) -> str:
+        return " ".join(name.replace("_", " ").replace("-", " ").split())
+
+    return TEMPLATE.format(defect=words(defect_type), category=words(category))
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 # Provenance of the shipped captions: upstream repository, commit, and sha256 of each authors' file.
@@ -216,3 +228,30 @@ def write_captions_json(captions: Captions, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(captions, indent=1, ensure_ascii=False), encoding="utf-8")
     return path
+
+
+def read_custom_captions(path: str | Path | None) -> CustomCaptions:
+    """A custom tree's captions JSON: {category: {defect_type: [caption, ...] | {image: caption}}}; None: {}."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise MVTecCaptionError(f"Captions file {path} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MVTecCaptionError(f"Captions file {path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise MVTecCaptionError(f"Captions file {path} must hold {{category: {{defect_type: [caption, ...]}}}}")
+    for category, defects in data.items():
+        if not isinstance(defects, dict):
+            raise MVTecCaptionError(f"Captions file {path}: category {category!r} must map defect types to captions")
+        for defect, items in defects.items():
+            ok = (isinstance(items, list) and all(isinstance(c, str) for c in items)) or (
+                isinstance(items, dict) and all(isinstance(c, str) for c in items.values())
+            )
+            if not ok:
+                raise MVTecCaptionError(
+                    f"Captions file {path}: {category}/{defect} must be a list of captions or {{image: caption}}"
+                )
+    return data

@@ -403,3 +403,92 @@ def test_bad_captions_files_are_named(tmp_path):
     script.write_text('grid = {"bent": ["a"]}\n')
     with pytest.raises(MVTecCaptionError, match=r"noindex\.py has no `categories"):
         read_captions(script)
+
+
+# --- damaged files and interrupted extractions --------------------------------------------------------
+
+
+def _cli_build(tree, output, cache, config_name="ad", data_dir=None):
+    return ["build", "--config", config_name, "--data-dir", str(data_dir or tree.root), "--captions",
+            str(tree.captions_path), "--output", str(output), "--cache-dir", str(cache)]  # fmt: skip
+
+
+def test_half_truncated_image_or_mask_is_named(tmp_path, small):
+    """Its header is whole, so only a check of every byte finds it: the build must, and name it."""
+    tree = small("ad")
+    image = tree.root / "bottle" / "test" / "contamination" / "003.png"
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    with pytest.raises(MVTecCaptionError, match=rf"{image} is not a readable image \(truncated"):
+        _build("ad", tree.root, tree.captions_path, tmp_path / "cache")
+    tree = make_sample_tree(tmp_path / "t2", "ad", scale=0.02, captions_path=tmp_path / "t2.json")
+    mask = tree.root / "grid" / "ground_truth" / "bent" / "001_mask.png"
+    mask.write_bytes(mask.read_bytes()[: mask.stat().st_size // 2])
+    with pytest.raises(MVTecCaptionError, match=rf"{mask} is not a readable image"):
+        _build("ad", tree.root, tree.captions_path, tmp_path / "cache2")
+
+
+@pytest.mark.parametrize("damage", ["cut to 20 bytes", "not an image"])
+def test_cli_refuses_a_damaged_png_by_name(tmp_path, small, damage):
+    tree = small("ad")
+    image = tree.root / "screw" / "train" / "good" / "001.png"
+    image.write_bytes(image.read_bytes()[:20] if damage == "cut to 20 bytes" else b"<html>not found</html>")
+    output = tmp_path / "out"
+    assert_refused(main, _cli_build(tree, output, tmp_path / "cache"), str(image), [output, tree.root])
+
+
+def test_anomaly_with_an_all_zero_mask_is_named(tmp_path, small):
+    tree = small("loco")
+    folder = tree.root / "juice_bottle" / "ground_truth" / "logical_anomalies" / "002"
+    for region in folder.glob("*.png"):
+        Image.new("L", Image.open(region).size, 0).save(region)
+    with pytest.raises(MVTecCaptionError, match=r"juice_bottle/logical_anomalies: the mask of anomaly .*002\.png is all zero"):
+        _build("loco", tree.root, tree.captions_path, tmp_path / "cache")
+
+
+def test_cli_refuses_a_truncated_archive_by_name(tmp_path, small):
+    tree = small("ad")
+    archive = pack_tar_xz(tree.root, tmp_path / "mvtec_anomaly_detection.tar.xz")
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    output = tmp_path / "out"
+    line = assert_refused(
+        main, _cli_build(tree, output, tmp_path / "cache", data_dir=archive), [str(archive), "truncated"],
+        [output, archive],
+    )  # fmt: skip
+    assert "Download it again" in line
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_dir() and ".partial-" in p.name]
+
+
+def test_interrupted_extraction_is_never_reused(tmp_path, small, monkeypatch):
+    """A killed extraction leaves only a temporary folder; the next run extracts afresh and builds every
+    normal image. A thinned extracted copy is refused against the archive's own counts."""
+    import tarfile
+
+    import mvtec_caption.archive as archive_module
+
+    tree = small("ad")
+    archive = pack_tar_xz(tree.root, tmp_path / "mvtec_anomaly_detection.tar.xz")
+    real_extract = tarfile.TarFile.extract
+    calls = []
+
+    def killed_after_five(self, member, *args, **kwargs):
+        calls.append(member.name)
+        if len(calls) > 5:
+            raise KeyboardInterrupt  # as a kill: no clean-up
+        return real_extract(self, member, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tarfile.TarFile, "extract", killed_after_five)
+        patch.setattr(archive_module.shutil, "rmtree", lambda *a, **k: None)
+        with pytest.raises(KeyboardInterrupt):
+            _build("ad", archive, tree.captions_path, tmp_path / "cache")
+    assert [p for p in (tmp_path / "cache").rglob(".*partial-*") if p.is_dir()]
+    ds = _build("ad", archive, tree.captions_path, tmp_path / "cache")
+    assert ds["train"].num_rows == sum(1 for _ in tree.root.glob("*/train/good/*.png")) == 6
+    assert not [p for p in (tmp_path / "cache").rglob(".*partial-*") if p.is_dir()]
+    extracted = next(p for p in (tmp_path / "cache").rglob("mvtec_anomaly_detection.tar.xz-*") if p.is_dir())
+    (extracted / "grid" / "train" / "good" / "001.png").unlink()
+    builder = MVTecCaption(
+        config_name="ad", data_dir=str(archive), captions=str(tree.captions_path), cache_dir=str(tmp_path / "cache")
+    )
+    with pytest.raises(MVTecCaptionError, match=r"grid/train/good holds 1 of the archive's 2 files"):
+        builder.download_and_prepare(download_mode="reuse_cache_if_exists")  # rebuild, same extraction
