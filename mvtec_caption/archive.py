@@ -81,4 +81,3 @@ def extract_archive(archive: str | Path, cache_dir: str | Path) -> Path:
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     return final
-

@@ -24,16 +24,19 @@ def template_caption(category: str, defect_type: str) -> str:
     """The caption of an uncaptioned image, from its folder names: "a <defect type words> on the <category>"."""
 
     def words(name: str) -> str:
-        return " ".join(name.replace("_", " ").replace("-", " ").split())
+        return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
 
     return TEMPLATE.format(defect=words(defect_type), category=words(category))
+
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 # Provenance of the shipped captions: upstream repository, commit, and sha256 of each authors' file.
 SOURCES = json.loads((DATA_DIR / "sources.json").read_text(encoding="utf-8"))
 CAPTIONS_REPO: str = SOURCES["repository"]
 CAPTIONS_COMMIT: str = SOURCES["commit"]
-CAPTION_SOURCES = {name: (entry["source"], entry["source_sha256"]) for name, entry in SOURCES["configs"].items()}
+CAPTION_SOURCES = {
+    name: (entry["source"], entry["source_sha256"]) for name, entry in SOURCES["configs"].items()
+}
 
 
 def shipped_captions_path(config_name: str) -> Path:
@@ -242,10 +245,14 @@ def read_custom_captions(path: str | Path | None) -> CustomCaptions:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MVTecCaptionError(f"Captions file {path} is not valid JSON: {err}") from err
     if not isinstance(data, dict):
-        raise MVTecCaptionError(f"Captions file {path} must hold {{category: {{defect_type: [caption, ...]}}}}")
+        raise MVTecCaptionError(
+            f"Captions file {path} must hold {{category: {{defect_type: [caption, ...]}}}}"
+        )
     for category, defects in data.items():
         if not isinstance(defects, dict):
-            raise MVTecCaptionError(f"Captions file {path}: category {category!r} must map defect types to captions")
+            raise MVTecCaptionError(
+                f"Captions file {path}: category {category!r} must map defect types to captions"
+            )
         for defect, items in defects.items():
             ok = (isinstance(items, list) and all(isinstance(c, str) for c in items)) or (
                 isinstance(items, dict) and all(isinstance(c, str) for c in items.values())

@@ -52,9 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=CONFIGS,
         help="ad (MVTec AD), loco (MVTec LOCO) or custom (any MVTec-layout tree); required with --data-dir",
     )
-    build.add_argument(
-        "--data-dir", type=Path, help="extracted MVTec(-layout) folder or its .tar.xz archive"
-    )
+    build.add_argument("--data-dir", type=Path, help="extracted MVTec(-layout) folder or its .tar.xz archive")
     build.add_argument(
         "--captions",
         type=Path,
@@ -81,10 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--token", help="Hub token (default: the logged-in one)")
 
     verify = commands.add_parser(
-        "verify", help="fetch the authors' caption files (pinned commit) and compare them with the shipped copies"
+        "verify",
+        help="fetch the authors' caption files (pinned commit) and compare them with the shipped copies",
     )
     verify.add_argument("--config", choices=tuple(CAPTION_SOURCES), help="ad or loco (default: both)")
-    verify.add_argument("--source", type=Path, help="a local copy of the authors' Construct_*.py (no download)")
+    verify.add_argument(
+        "--source", type=Path, help="a local copy of the authors' Construct_*.py (no download)"
+    )
     verify.add_argument("--cache-dir", type=Path, help="download cache")
     return parser
 
@@ -121,7 +122,9 @@ def _build(args: argparse.Namespace) -> None:
             name=args.name,
         )  # fmt: skip
     elif args.config == "custom" or args.name is not None:
-        raise MVTecCaptionError("--config custom (and --name) need --data-dir: the folder of your MVTec-layout tree")
+        raise MVTecCaptionError(
+            "--config custom (and --name) need --data-dir: the folder of your MVTec-layout tree"
+        )
     else:
         check_output_dir(args.output)
         configs = [args.config] if args.config else list(CAPTION_SOURCES)

@@ -134,7 +134,9 @@ def _check_name(config_name: str, name: str | None) -> str:
     if name is None:
         return config_name
     if config_name != "custom":
-        raise MVTecCaptionError(f"--name is for --config custom; the {config_name} config is always named {config_name}")
+        raise MVTecCaptionError(
+            f"--name is for --config custom; the {config_name} config is always named {config_name}"
+        )
     if not _NAME.match(name) or name in ("ad", "loco") or name.startswith("."):
         raise MVTecCaptionError(
             f"--name {name!r} is not a usable config name (letters, digits, _ and -; not ad or loco)"
@@ -190,7 +192,9 @@ def export_dataset(
             fresh = staging_root / "export"
             fresh.mkdir()
             target.rename(fresh / name)
-            _write_marker(fresh, {"written_by": "mvtec_caption", "configs": {name: entry}, "readme_sha256": []})
+            _write_marker(
+                fresh, {"written_by": "mvtec_caption", "configs": {name: entry}, "readme_sha256": []}
+            )
             write_card(fresh, {name: builder.info})
             fresh.rename(output)
         else:
@@ -236,7 +240,11 @@ def _config_files(output: Path) -> dict[str, dict[str, list[Path]]]:
     if marker:
         names = list(marker["configs"])
     else:
-        names = sorted(p.name for p in output.iterdir() if p.is_dir() and any(p.glob("*.parquet"))) if output.is_dir() else []
+        names = (
+            sorted(p.name for p in output.iterdir() if p.is_dir() and any(p.glob("*.parquet")))
+            if output.is_dir()
+            else []
+        )
     found: dict[str, dict[str, list[Path]]] = {}
     for config_name in names:
         for split in _SPLIT_ORDER:
@@ -287,7 +295,12 @@ def write_card(output: str | Path, infos: dict[str, datasets.DatasetInfo] | None
     card_data.pretty_name = "MVTec Caption"
     card_data.task_categories = ["image-to-image", "text-to-image", "image-segmentation"]
     card_data.language = ["en"]
-    card_data.tags = ["anomaly-detection", "anomaly-synthesis", "industrial-inspection", *(["mvtec"] if mvtec else [])]
+    card_data.tags = [
+        "anomaly-detection",
+        "anomaly-synthesis",
+        "industrial-inspection",
+        *(["mvtec"] if mvtec else []),
+    ]
     total = sum(s["examples"] for entry in summary.values() for s in entry["splits"].values())
     card_data.size_categories = ["n<1K" if total < 1000 else "1K<n<10K" if total < 10000 else "10K<n<100K"]
     card_data.configs = [
@@ -325,7 +338,9 @@ def write_card(output: str | Path, infos: dict[str, datasets.DatasetInfo] | None
 def _check_rows(output: Path, config_name: str, split: str, shards: list[Path]) -> None:
     """Decode every image and mask once, naming the first one that is truncated, empty or misfit."""
     total = sum(pq.ParquetFile(shard).metadata.num_rows for shard in shards)
-    bar = tqdm(total=total, desc=f"Decoding {config_name}/{split}", unit=" rows", disable=None)  # None: tty only
+    bar = tqdm(
+        total=total, desc=f"Decoding {config_name}/{split}", unit=" rows", disable=None
+    )  # None: tty only
     for shard in shards:
         parquet = pq.ParquetFile(shard)
         for batch in parquet.iter_batches(batch_size=16, columns=["image", "mask", "path", "is_anomaly"]):
@@ -353,8 +368,8 @@ def check_export(output: str | Path, cache_dir: str | Path | None = None) -> dic
     if not summary:
         raise MVTecCaptionError(f"{output} holds no config folder with Parquet shards")
     files = _config_files(output)
-    for config_name, entry in summary.items():
-        for split, shards in files[config_name].items():
+    for config_name, splits in files.items():
+        for split, shards in splits.items():
             _check_rows(output, config_name, split, shards)
     for config_name, entry in summary.items():
         loaded = datasets.load_dataset(

@@ -200,7 +200,9 @@ def _is_category(folder: Path) -> bool:
 
 
 def _subfolders(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))), key=natural_key)
+    return sorted(
+        (p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))), key=natural_key
+    )
 
 
 def find_custom_root(path: str | Path) -> Path:
@@ -237,19 +239,26 @@ def _custom_masks(gt: Path, category: str, defect: str, images: list[Path]) -> d
     masks: dict[str, tuple[Path, ...]] = {}
     for entry in sorted(gt.iterdir(), key=natural_key):
         if entry.is_dir():
-            stem, files = entry.name, tuple(sorted((p for p in entry.iterdir() if is_image_file(p)), key=natural_key))
+            stem, files = (
+                entry.name,
+                tuple(sorted((p for p in entry.iterdir() if is_image_file(p)), key=natural_key)),
+            )
         elif is_image_file(entry):
             stem = entry.stem[: -len("_mask")] if entry.stem.endswith("_mask") else entry.stem
             files = (entry,)
         else:
             continue
         if stem in masks:
-            raise MVTecCaptionError(f"{category}/{defect}: masks {masks[stem][0]} and {entry} both belong to image {stem!r}")
+            raise MVTecCaptionError(
+                f"{category}/{defect}: masks {masks[stem][0]} and {entry} both belong to image {stem!r}"
+            )
         masks[stem] = files
     stems = {image.stem for image in images}
     orphans = [files[0] for stem, files in masks.items() if stem not in stems]
     if orphans:
-        raise MVTecCaptionError(f"{category}/{defect}: mask {orphans[0]} has no image named {orphans[0].stem.removesuffix('_mask')}.* in test/{defect}")
+        raise MVTecCaptionError(
+            f"{category}/{defect}: mask {orphans[0]} has no image named {orphans[0].stem.removesuffix('_mask')}.* in test/{defect}"
+        )
     for i, image in enumerate(images):
         if not masks.get(image.stem):
             raise MVTecCaptionError(
@@ -281,12 +290,18 @@ def _custom_captions(
     for key, caption in given.items():
         name = Path(key).name
         match = next((im for im in images if im.name == name), None)
-        if match is None or (len(Path(key).parts) > 1 and not match.as_posix().endswith(Path(key).as_posix())):
-            raise MVTecCaptionError(f"{category}/{defect}: the captions file {source} names {key!r}, which is not an image in {folder}")
+        if match is None or (
+            len(Path(key).parts) > 1 and not match.as_posix().endswith(Path(key).as_posix())
+        ):
+            raise MVTecCaptionError(
+                f"{category}/{defect}: the captions file {source} names {key!r}, which is not an image in {folder}"
+            )
         by_name[match.name] = caption
     missing = [im for im in images if im.name not in by_name]
     if missing:
-        raise MVTecCaptionError(f"{category}/{defect}: image {missing[0]} has no caption in the captions file {source}")
+        raise MVTecCaptionError(
+            f"{category}/{defect}: image {missing[0]} has no caption in the captions file {source}"
+        )
     return [by_name[im.name] for im in images], "human"
 
 
@@ -335,7 +350,15 @@ def iter_custom_records(
             texts, caption_source = _custom_captions(category, defect, folder, images, captions, source)
             for index, image in enumerate(images):
                 yield Record(
-                    "test", category, defect, index, len(images), image, masks[image.stem], texts[index], caption_source
+                    "test",
+                    category,
+                    defect,
+                    index,
+                    len(images),
+                    image,
+                    masks[image.stem],
+                    texts[index],
+                    caption_source,
                 )
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from cli_checks import assert_refused
 from PIL import Image
 
 from mvtec_caption import MVTecCaption, MVTecCaptionError, make_sample_tree, read_captions
@@ -17,7 +18,6 @@ from mvtec_caption.captions import shipped_captions, shipped_captions_path
 from mvtec_caption.cli import main
 from mvtec_caption.layout import CATEGORIES, GRAYSCALE_CATEGORIES
 from mvtec_caption.sample_tree import pack_tar_xz, stamp_of
-from cli_checks import assert_refused
 
 SCALE = 0.02  # LOCO stays non-square (e.g. 16x32, 34x17); AD about 20x20
 
@@ -290,7 +290,9 @@ def test_shipped_captions_and_their_provenance():
     """The package carries the 2,251 captions and where they came from (repository, commit, sha256)."""
     from mvtec_caption.captions import CAPTION_SOURCES, CAPTIONS_COMMIT, CAPTIONS_REPO
 
-    counts = {c: sum(len(v) for d in shipped_captions(c).values() for v in d.values()) for c in ("ad", "loco")}
+    counts = {
+        c: sum(len(v) for d in shipped_captions(c).values() for v in d.values()) for c in ("ad", "loco")
+    }
     assert counts == {"ad": 1258, "loco": 993}
     assert list(shipped_captions("ad")) == list(CATEGORIES["ad"])
     assert set(shipped_captions("loco")) == set(CATEGORIES["loco"])
@@ -317,7 +319,10 @@ def test_builds_offline_from_the_shipped_captions(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets.DownloadManager, "download", no_network)
     builder = MVTecCaption(
-        config_name="loco", data_dir=str(tree.root), categories=["juice_bottle"], cache_dir=str(tmp_path / "c")
+        config_name="loco",
+        data_dir=str(tree.root),
+        categories=["juice_bottle"],
+        cache_dir=str(tmp_path / "c"),
     )
     builder.download_and_prepare()
     test = builder.as_dataset()["test"]
@@ -333,7 +338,9 @@ def test_a_changed_shipped_copy_is_refused(tmp_path, monkeypatch):
     shutil.copytree(captions_module.DATA_DIR, changed)
     _rewrite_json(changed / "ad_captions.json", lambda d: d["bottle"]["broken_large"].pop())
     monkeypatch.setattr(captions_module, "DATA_DIR", changed)
-    with pytest.raises(MVTecCaptionError, match=r"shipped captions file .*ad_captions\.json has been changed"):
+    with pytest.raises(
+        MVTecCaptionError, match=r"shipped captions file .*ad_captions\.json has been changed"
+    ):
         shipped_captions("ad")
 
 
@@ -352,7 +359,9 @@ def test_verify_fetches_the_pinned_file_and_refuses_a_tampered_one(tmp_path, mon
     tampered = tmp_path / "Construct_MVTEC-LOCO-Caption.py"
     tampered.write_text(_captions_script(_real_captions("loco"), tmp_path / "EXECUTED"))
     urls = _stub_download(monkeypatch, tampered)
-    assert_refused(main, ["verify", "--config", "loco"], ["sha256", "expected f05813823cc5b215", str(tampered)])
+    assert_refused(
+        main, ["verify", "--config", "loco"], ["sha256", "expected f05813823cc5b215", str(tampered)]
+    )
     assert urls == [
         "https://raw.githubusercontent.com/hujiecpp/MVTec-Caption/2350d89c028fc34e92bb5779f7244c3dbe202b5e/"
         "tools/Construct_MVTEC-LOCO-Caption.py"
@@ -369,14 +378,18 @@ def test_verify_compares_the_fetched_captions_with_the_shipped_copy(tmp_path, mo
     source.write_text(_captions_script(captions, tmp_path / "EXECUTED"))
     _stub_download(monkeypatch, source)
     monkeypatch.setitem(
-        captions_module.CAPTION_SOURCES, "loco", (captions_module.CAPTION_SOURCES["loco"][0], captions_module.sha256_of(source))
+        captions_module.CAPTION_SOURCES,
+        "loco",
+        (captions_module.CAPTION_SOURCES["loco"][0], captions_module.sha256_of(source)),
     )
     assert main(["verify", "--config", "loco"]) == 0
     assert "loco: 993 captions" in capsys.readouterr().out
     captions["pushpins"]["logical_anomalies"][7] = "A changed caption."
     source.write_text(_captions_script(captions, tmp_path / "EXECUTED"))
     monkeypatch.setitem(
-        captions_module.CAPTION_SOURCES, "loco", (captions_module.CAPTION_SOURCES["loco"][0], captions_module.sha256_of(source))
+        captions_module.CAPTION_SOURCES,
+        "loco",
+        (captions_module.CAPTION_SOURCES["loco"][0], captions_module.sha256_of(source)),
     )
     assert_refused(main, ["verify", "--config", "loco", "--source", str(source)],
                    [str(source), "pushpins/logical_anomalies caption 7", "A changed caption."])  # fmt: skip
@@ -441,7 +454,9 @@ def test_anomaly_with_an_all_zero_mask_is_named(tmp_path, small):
     folder = tree.root / "juice_bottle" / "ground_truth" / "logical_anomalies" / "002"
     for region in folder.glob("*.png"):
         Image.new("L", Image.open(region).size, 0).save(region)
-    with pytest.raises(MVTecCaptionError, match=r"juice_bottle/logical_anomalies: the mask of anomaly .*002\.png is all zero"):
+    with pytest.raises(
+        MVTecCaptionError, match=r"juice_bottle/logical_anomalies: the mask of anomaly .*002\.png is all zero"
+    ):
         _build("loco", tree.root, tree.captions_path, tmp_path / "cache")
 
 
@@ -488,7 +503,10 @@ def test_interrupted_extraction_is_never_reused(tmp_path, small, monkeypatch):
     extracted = next(p for p in (tmp_path / "cache").rglob("mvtec_anomaly_detection.tar.xz-*") if p.is_dir())
     (extracted / "grid" / "train" / "good" / "001.png").unlink()
     builder = MVTecCaption(
-        config_name="ad", data_dir=str(archive), captions=str(tree.captions_path), cache_dir=str(tmp_path / "cache")
+        config_name="ad",
+        data_dir=str(archive),
+        captions=str(tree.captions_path),
+        cache_dir=str(tmp_path / "cache"),
     )
     with pytest.raises(MVTecCaptionError, match=r"grid/train/good holds 1 of the archive's 2 files"):
         builder.download_and_prepare(download_mode="reuse_cache_if_exists")  # rebuild, same extraction

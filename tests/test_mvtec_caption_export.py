@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from cli_checks import assert_refused
 from huggingface_hub import DatasetCard, HfApi
 
 from mvtec_caption import MVTecCaptionError, export_dataset, make_sample_tree, push_to_hub
 from mvtec_caption.cli import main
 from mvtec_caption.export import check_export
-from cli_checks import assert_refused
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,7 +111,9 @@ def test_export_refuses_folders_holding_python_source_or_other_files(tmp_path):
     assert sorted(p.name for p in (REPO / "mvtec_caption").iterdir()) == before
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "notes.txt").write_text("mine")
-    with pytest.raises(MVTecCaptionError, match=r"it holds .*home/notes\.txt, which this builder did not write"):
+    with pytest.raises(
+        MVTecCaptionError, match=r"it holds .*home/notes\.txt, which this builder did not write"
+    ):
         export_dataset("ad", tree.root, tmp_path / "home", tree.captions_path, cache_dir=tmp_path / "cache")
 
 
@@ -133,7 +135,12 @@ def test_cli_build_without_data_dir_builds_the_sample(tmp_path, capsys, monkeypa
     printed = capsys.readouterr().out
     assert "No --data-dir given" in printed and "SAMPLE" in printed
     output = tmp_path / "outputs" / "mvtec_caption"
-    assert sorted(p.name for p in output.iterdir()) == [".mvtec_caption_export.json", "README.md", "ad", "loco"]
+    assert sorted(p.name for p in output.iterdir()) == [
+        ".mvtec_caption_export.json",
+        "README.md",
+        "ad",
+        "loco",
+    ]
     assert main(["check", str(output), "--cache-dir", str(tmp_path / "cache")]) == 0
     assert "loads with load_dataset" in capsys.readouterr().out
 
@@ -153,7 +160,9 @@ def test_cli_build_from_data_dir_and_its_errors(tmp_path, capsys):
                    "--config {ad,loco,custom} is required", watch)  # fmt: skip
     assert_refused(main, [*args, "--categories", "pushpins", "--output", str(output)],
                    "Unknown loco categories ['pushpins']", watch)  # fmt: skip
-    assert_refused(main, [*args, "--name", "mine", "--output", str(output)], "--name is for --config custom", watch)
+    assert_refused(
+        main, [*args, "--name", "mine", "--output", str(output)], "--name is for --config custom", watch
+    )
 
 
 def _build_args(tree, output, tmp_path):
@@ -180,7 +189,9 @@ def test_export_never_overwrites_or_deletes_what_it_did_not_write(tmp_path):
     (output / "ad" / "notes.txt").unlink()
     card = (output / "README.md").read_text()
     (output / "README.md").write_text(card + "\nMy own section.\n")
-    assert_refused(main, _build_args(tree, output, tmp_path), [str(output / "README.md"), "was changed"], [output])
+    assert_refused(
+        main, _build_args(tree, output, tmp_path), [str(output / "README.md"), "was changed"], [output]
+    )
     (output / "README.md").write_text(card)
     (output / "loco").mkdir()
     assert_refused(main, _build_args(tree, output, tmp_path), str(output / "loco"), [output])
@@ -229,10 +240,14 @@ def test_check_decodes_every_image_and_names_a_truncated_one(tmp_path):
     row = len(images) - 3  # not row 0: every row is decoded
     images[row] = {**images[row], "bytes": images[row]["bytes"][: len(images[row]["bytes"]) // 2]}
     index = table.schema.get_field_index("image")
-    table = table.set_column(index, table.schema.field(index), pa.array(images, type=table.schema.field(index).type))
+    table = table.set_column(
+        index, table.schema.field(index), pa.array(images, type=table.schema.field(index).type)
+    )
     pq.write_table(table, shard)
     path = table.column("path").to_pylist()[row]
-    assert_refused(main, ["check", str(output), "--cache-dir", str(tmp_path / "c2")], ["ad/test", path], [output])
+    assert_refused(
+        main, ["check", str(output), "--cache-dir", str(tmp_path / "c2")], ["ad/test", path], [output]
+    )
 
 
 def test_push_uploads_the_export_as_a_dataset_repo(tmp_path, monkeypatch):
