@@ -207,10 +207,14 @@ def export_dataset(
 
 def _recover_interrupted(output: Path, prefix: str) -> None:
     """Undo what a killed build left: a config moved aside but not yet replaced gets its old files back;
-    the staging folders (ours by name) go."""
+    the staging folders and half-written card or record (ours by name) go."""
     if not output.parent.is_dir():
         return
     marker = read_marker(output) if output.is_dir() else {}
+    if marker:
+        for name in ("README.md", MARKER):
+            for tmp in output.glob(f".{name}.*.tmp"):
+                tmp.unlink()
     for leftover in sorted(output.parent.glob(f"{prefix}*")):
         previous = leftover / "previous"
         if previous.is_dir() and marker:

@@ -254,10 +254,11 @@ def _custom_masks(gt: Path, category: str, defect: str, images: list[Path]) -> d
             )
         masks[stem] = files
     stems = {image.stem for image in images}
-    orphans = [files[0] for stem, files in masks.items() if stem not in stems]
+    orphans = [(stem, files) for stem, files in masks.items() if stem not in stems]
     if orphans:
+        stem, files = orphans[0]
         raise MVTecCaptionError(
-            f"{category}/{defect}: mask {orphans[0]} has no image named {orphans[0].stem.removesuffix('_mask')}.* in test/{defect}"
+            f"{category}/{defect}: mask {files[0] if files else gt / stem} has no image named {stem}.* in test/{defect}"
         )
     for i, image in enumerate(images):
         if not masks.get(image.stem):

@@ -63,15 +63,14 @@ def test_custom_tree_builds_and_loads_in_a_fresh_process(export, tmp_path):
     tree, output = export["tree"], export["output"]
     card = DatasetCard.load(output / "README.md")
     assert [c["config_name"] for c in card.data.configs] == ["ad", "mine"]
-    shutil.copytree(tree.root, tmp_path / "moved")  # the export must not need the tree
-    shutil.rmtree(tree.root)
-    try:
-        result = subprocess.run(
-            [sys.executable, "-c", LOAD_IN_FRESH_PROCESS, str(output), "mine"],
-            env=_env(tmp_path), capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-    finally:
-        shutil.copytree(tmp_path / "moved", tree.root)
+    masks = {
+        p.relative_to(tree.root): np.asarray(Image.open(p)) for p in tree.root.glob("*/ground_truth/*/*")
+    }
+    shutil.rmtree(tree.root)  # the export must not need the tree
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_IN_FRESH_PROCESS, str(output), "mine"],
+        env=_env(tmp_path), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     rows = loaded["rows"]
@@ -100,10 +99,10 @@ def test_custom_tree_builds_and_loads_in_a_fresh_process(export, tmp_path):
         assert r["image"][0] == "RGB" and r["mask_mode"] == "L"
         if r["anomaly"]:  # the mask is its own file's (paired by stem), binary, the image's size
             mask = np.asarray(r["mask"])
-            gt = tree.root / r["category"] / "ground_truth" / r["defect"]
+            gt = Path(r["category"]) / "ground_truth" / r["defect"]
             stem = Path(r["path"]).stem
-            file = next(p for p in (gt / f"{stem}_mask.png", gt / f"{stem}.png") if p.exists())
-            np.testing.assert_array_equal(mask, np.asarray(Image.open(file)))
+            file = next(p for p in (gt / f"{stem}_mask.png", gt / f"{stem}.png") if p in masks)
+            np.testing.assert_array_equal(mask, masks[file])
             assert list(mask.shape[::-1]) == r["image"][1:]
 
 
@@ -116,18 +115,18 @@ def test_template_captions_when_no_captions_file(tmp_path):
     assert "a burr mark on the gizmo" in test["caption"]
 
 
-def _custom(tmp_path, edit=None, captions=True):
+def _custom(tmp_path, edit=None):
     tree = make_custom_tree(tmp_path / "tree", tmp_path / "captions.json")
     if edit:
         edit(tree)
     return tree
 
 
-def _build_custom(tree, tmp_path, captions=True):
+def _build_custom(tree, tmp_path):
     builder = MVTecCaption(
         config_name="custom",
         data_dir=str(tree.root),
-        captions=str(tree.captions_path) if captions else None,
+        captions=str(tree.captions_path),
         cache_dir=str(tmp_path / "cache"),
     )
     builder.download_and_prepare()
@@ -242,3 +241,15 @@ def test_evaluation_runs_on_a_custom_build(export, tmp_path):
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["results"]["real-generator-fold"]) == set(CUSTOM_CATEGORIES)
+
+
+def test_mask_without_its_image_is_named(tmp_path):
+    def orphan(t):
+        gt = t.root / "gizmo" / "ground_truth" / "dent"
+        shutil.copy(gt / "dent_1_mask.png", gt / "dent_7_mask.png")
+
+    tree = _custom(tmp_path, orphan)
+    with pytest.raises(
+        MVTecCaptionError, match=r"gizmo/dent: mask .*dent_7_mask\.png has no image named dent_7\.\*"
+    ):
+        _build_custom(tree, tmp_path)

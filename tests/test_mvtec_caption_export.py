@@ -220,11 +220,12 @@ def test_a_build_killed_while_swapping_leaves_the_old_result(tmp_path, monkeypat
         with pytest.raises(KeyboardInterrupt):
             export_dataset("ad", tree.root, output, tree.captions_path, cache_dir=tmp_path / "c2")
     assert not (output / "ad").exists() and list(tmp_path.glob(".mvtec_caption.staging-*"))
+    (output / ".README.md.x1y2.tmp").write_text("a card write that was killed")
     (tree.root / "grid" / "test" / "bent" / "000.png").unlink()  # the next build fails, yet recovers first
     with pytest.raises(MVTecCaptionError, match="grid/bent"):
         export_dataset("ad", tree.root, output, tree.captions_path, cache_dir=tmp_path / "c3")
     assert {p.name: p.read_bytes() for p in (output / "ad").iterdir()} == before
-    assert not list(tmp_path.glob(".mvtec_caption.staging-*"))
+    assert not list(tmp_path.glob(".mvtec_caption.staging-*")) and not list(output.glob("*.tmp"))
     check_export(output, cache_dir=tmp_path / "c4")
 
 
