@@ -220,6 +220,7 @@ def make_custom_tree(
     *,
     n_train: int = 4,
     n_test_good: int = 2,
+    n_validation: int = 0,
     seed: int = 0,
 ) -> SampleTree:
     """A custom MVTec-layout tree: made-up categories and defect types, JPEG images named `<type>_<n>`
@@ -227,6 +228,7 @@ def make_custom_tree(
 
     Captions (written to `captions_path`) cover `gizmo` only: `dent` as a list in file order, `burr-mark`
     as {file name: caption}; `flange_plate` has none and is captioned from the template.
+    `n_validation` > 0 adds <category>/validation/good (a validation split).
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -234,7 +236,7 @@ def make_custom_tree(
     for category, defects in CUSTOM_CATEGORIES.items():
         size = CUSTOM_SIZES[category]
         texture = _texture(size, False, rng)
-        for split, n in (("train", n_train), ("test", n_test_good)):
+        for split, n in (("train", n_train), ("test", n_test_good), ("validation", n_validation)):
             for i in range(n):
                 path = root / category / split / NORMAL / f"{category}_{2 * i + 1}.jpg"
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -253,3 +253,21 @@ def test_mask_without_its_image_is_named(tmp_path):
         MVTecCaptionError, match=r"gizmo/dent: mask .*dent_7_mask\.png has no image named dent_7\.\*"
     ):
         _build_custom(tree, tmp_path)
+
+
+def test_archive_with_a_top_folder_and_a_validation_split(tmp_path):
+    from mvtec_caption.sample_tree import pack_tar_xz
+
+    tree = make_custom_tree(tmp_path / "src" / "my_parts", tmp_path / "captions.json", n_validation=2)
+    archive = pack_tar_xz(tmp_path / "src", tmp_path / "my_parts.tar.xz")  # members under my_parts/
+    builder = MVTecCaption(
+        config_name="custom",
+        data_dir=str(archive),
+        captions=str(tree.captions_path),
+        cache_dir=str(tmp_path / "c"),
+    )
+    builder.download_and_prepare()
+    ds = builder.as_dataset()
+    assert sorted(ds) == ["test", "train", "validation"]
+    assert ds["validation"].num_rows == 4 and not any(ds["validation"]["is_anomaly"])
+    assert ds["test"][0]["path"] == "flange_plate/test/good/flange_plate_1.jpg"
