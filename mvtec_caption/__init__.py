@@ -1,10 +1,10 @@
-"""MVTec Caption: image–mask–text triples for MVTec AD and MVTec LOCO as a Hugging Face dataset."""
+"""MVTec Caption: image–mask–text triples for MVTec AD, MVTec LOCO and any MVTec-layout tree as a Hugging Face dataset."""
 
 from .builder import MVTecCaption, MVTecCaptionConfig
 from .captions import read_captions
 from .errors import MVTecCaptionError
 from .export import check_export, export_dataset, push_to_hub
-from .sample_tree import make_sample_tree
+from .sample_tree import make_custom_tree, make_sample_tree
 
 __all__ = [
     "MVTecCaption",
@@ -12,6 +12,7 @@ __all__ = [
     "MVTecCaptionError",
     "check_export",
     "export_dataset",
+    "make_custom_tree",
     "make_sample_tree",
     "push_to_hub",
     "read_captions",

@@ -1,4 +1,5 @@
-"""Reading the MVTec Caption captions: the authors' `.py` files (as data) or a normalised JSON file.
+"""The MVTec Caption captions: the shipped normalised JSON copies, the authors' `.py` files (read as
+data, never run) and any JSON file a user names, plus the check of the shipped copies against upstream.
 
 Captions are `{category: {defect_type: [caption, ...]}}`; the caption at position `i` belongs to
 `test/<defect_type>/<i:03d>.png`.
@@ -14,21 +15,45 @@ from pathlib import Path
 from .errors import MVTecCaptionError
 
 Captions = dict[str, dict[str, list[str]]]
+# A custom tree's captions: per defect type a list (image order) or {image file name or path: caption}.
+CustomCaptions = dict[str, dict[str, "list[str] | dict[str, str]"]]
+TEMPLATE = "a {defect} on the {category}"
 
-CAPTIONS_REPO = "hujiecpp/MVTec-Caption"
-CAPTIONS_COMMIT = "2350d89c028fc34e92bb5779f7244c3dbe202b5e"
 
-# The authors' files at the pinned commit and their sha256 (see the project's data notes).
+def template_caption(category: str, defect_type: str) -> str:
+    """The caption of an uncaptioned image, from its folder names: "a <defect type words> on the <category>"."""
+
+    def words(name: str) -> str:
+        return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
+
+    return TEMPLATE.format(defect=words(defect_type), category=words(category))
+
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+# Provenance of the shipped captions: upstream repository, commit, and sha256 of each authors' file.
+SOURCES = json.loads((DATA_DIR / "sources.json").read_text(encoding="utf-8"))
+CAPTIONS_REPO: str = SOURCES["repository"]
+CAPTIONS_COMMIT: str = SOURCES["commit"]
 CAPTION_SOURCES = {
-    "ad": (
-        "tools/Construct_MVTEC-AD-Caption.py",
-        "e3993006908461d7d42c06a8c206772b0a13421e34f328ae29bd9508e58ef2de",
-    ),
-    "loco": (
-        "tools/Construct_MVTEC-LOCO-Caption.py",
-        "f05813823cc5b215b1c5de3e994cf4ec49cf7d2a5f9f67853b5c16f86a6cf376",
-    ),
+    name: (entry["source"], entry["source_sha256"]) for name, entry in SOURCES["configs"].items()
 }
+
+
+def shipped_captions_path(config_name: str) -> Path:
+    """The normalised JSON copy of the authors' captions that ships with the package."""
+    return DATA_DIR / SOURCES["configs"][config_name]["captions"]
+
+
+def shipped_captions(config_name: str) -> Captions:
+    """The authors' captions of `ad` or `loco`, read from the package (no network)."""
+    path = shipped_captions_path(config_name)
+    expected = SOURCES["configs"][config_name]["captions_sha256"]
+    if sha256_of(path) != expected:
+        raise MVTecCaptionError(
+            f"The shipped captions file {path} has been changed (sha256 differs from {expected} in "
+            f"{DATA_DIR / 'sources.json'}); reinstall the package or pass your own file with --captions"
+        )
+    return read_captions(path)
 
 
 def caption_source_url(config_name: str) -> str:
@@ -54,6 +79,51 @@ def verify_caption_source(path: str | Path, config_name: str) -> None:
             f"({CAPTION_SOURCES[config_name][0]} at {CAPTIONS_REPO}@{CAPTIONS_COMMIT}). "
             "Pass a captions file you trust with --captions / captions=."
         )
+
+
+def first_difference(expected: Captions, actual: Captions) -> str | None:
+    """Where two caption sets first differ (category, defect type, position), or None when equal."""
+    for category in dict.fromkeys([*expected, *actual]):
+        if category not in actual or category not in expected:
+            return f"category {category!r} is only in the {'shipped' if category in expected else 'fetched'} copy"
+        for defect in dict.fromkeys([*expected[category], *actual[category]]):
+            want, got = expected[category].get(defect), actual[category].get(defect)
+            if want is None or got is None:
+                side = "shipped" if got is None else "fetched"
+                return f"{category}/{defect} is only in the {side} copy"
+            if len(want) != len(got):
+                return f"{category}/{defect}: {len(want)} shipped captions, {len(got)} fetched"
+            for i, (a, b) in enumerate(zip(want, got, strict=True)):
+                if a != b:
+                    return f"{category}/{defect} caption {i}: shipped {a!r}, fetched {b!r}"
+    return None
+
+
+def fetch_caption_source(config_name: str, cache_dir: str | Path | None = None) -> Path:
+    """Downloads the authors' file of `config_name` at the pinned commit (only `verify` needs the network)."""
+    import datasets
+
+    url = caption_source_url(config_name)
+    config = datasets.DownloadConfig(cache_dir=None if cache_dir is None else str(cache_dir))
+    try:
+        return Path(datasets.DownloadManager(download_config=config).download(url))
+    except Exception as err:
+        raise MVTecCaptionError(
+            f"Could not fetch {url} ({type(err).__name__}: {err}); download it yourself and pass it with --source FILE"
+        ) from err
+
+
+def verify_shipped_captions(config_name: str, source: str | Path) -> int:
+    """Checks an authors' file (sha256 pinned) against the shipped copy; returns the caption count."""
+    verify_caption_source(source, config_name)
+    fetched = read_captions(source)
+    shipped = shipped_captions(config_name)
+    difference = first_difference(shipped, fetched)
+    if difference is not None:
+        raise MVTecCaptionError(
+            f"The captions of {source} differ from the shipped {shipped_captions_path(config_name).name}: {difference}"
+        )
+    return sum(len(v) for defects in shipped.values() for v in defects.values())
 
 
 def _literal_captions(node: ast.AST, where: str) -> dict[str, list[str]] | None:
@@ -161,3 +231,34 @@ def write_captions_json(captions: Captions, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(captions, indent=1, ensure_ascii=False), encoding="utf-8")
     return path
+
+
+def read_custom_captions(path: str | Path | None) -> CustomCaptions:
+    """A custom tree's captions JSON: {category: {defect_type: [caption, ...] | {image: caption}}}; None: {}."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise MVTecCaptionError(f"Captions file {path} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MVTecCaptionError(f"Captions file {path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise MVTecCaptionError(
+            f"Captions file {path} must hold {{category: {{defect_type: [caption, ...]}}}}"
+        )
+    for category, defects in data.items():
+        if not isinstance(defects, dict):
+            raise MVTecCaptionError(
+                f"Captions file {path}: category {category!r} must map defect types to captions"
+            )
+        for defect, items in defects.items():
+            ok = (isinstance(items, list) and all(isinstance(c, str) for c in items)) or (
+                isinstance(items, dict) and all(isinstance(c, str) for c in items.values())
+            )
+            if not ok:
+                raise MVTecCaptionError(
+                    f"Captions file {path}: {category}/{defect} must be a list of captions or {{image: caption}}"
+                )
+    return data

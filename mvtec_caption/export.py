@@ -12,52 +12,136 @@ work with no remote code.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pyarrow.parquet as pq
 from datasets.info import DatasetInfosDict
 from huggingface_hub import DatasetCard, DatasetCardData, HfApi
+from tqdm.auto import tqdm
 
 from .builder import CITATION, LICENSE, SPLITS, MVTecCaption
 from .errors import MVTecCaptionError
+from .images import decode
 from .sample_tree import SYNTHETIC_PREFIX
 
 DEFAULT_OUTPUT = Path("outputs") / "mvtec_caption"
 CONFIGS = tuple(SPLITS)
 CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "cards" / "dataset_card.md"
-_STAGING = ".staging-"
-_EXPORT_ENTRIES = {"README.md", ".gitattributes", *CONFIGS}
+# What this package wrote into an export folder: the card's sha256 and, per config, its kind and files.
+MARKER = ".mvtec_caption_export.json"
+_SPLIT_ORDER = ("train", "validation", "test")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_marker(output: Path) -> dict:
+    """The export's record of what it wrote; {} for a folder this package did not write."""
+    path = output / MARKER
+    if not path.is_file():
+        return {}
+    try:
+        marker = json.loads(path.read_text())
+        if not isinstance(marker.get("configs"), dict):
+            raise ValueError("no configs")
+        return marker
+    except ValueError as err:
+        raise MVTecCaptionError(f"{path} is not a readable MVTec Caption export record ({err})") from err
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Temporary name, then rename: a kill leaves the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_marker(output: Path, marker: dict) -> None:
+    _write_atomic(output / MARKER, json.dumps(marker, indent=1, sort_keys=True))
 
 
 def check_output_dir(output: str | Path) -> Path:
-    """Refuse folders that are not (empty or earlier) exports: above all the source tree's own package."""
+    """Refuse any folder holding a file this package did not write there (named in the error).
+
+    An export is recognised by its record (`.mvtec_caption_export.json`): the configs and shard files
+    it wrote and the sha256 of the card it rendered. Anything else -- a user's README.md, an ad/ folder
+    of their own, Python source -- is never overwritten or deleted.
+    """
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise MVTecCaptionError(f"--output {output} is a file, not a folder")
     if not output.exists():
         return output
-    entries = list(output.iterdir())
-    foreign = sorted(
-        p.name for p in entries if p.name not in _EXPORT_ENTRIES and not p.name.startswith(_STAGING)
-    )
+    entries = sorted(output.iterdir())
+    if not entries:
+        return output
+    marker = read_marker(output)
     source = next((p for p in entries if p.suffix == ".py"), None)
-    if source is None and not foreign:  # only an export's own entries: cheap to search them all
-        source = next(output.rglob("*.py"), None)
     if source is not None:
         raise MVTecCaptionError(
             f"Refusing to write the export into {output}: it holds Python source ({source}). "
             f"Choose another --output (default: {DEFAULT_OUTPUT})."
         )
-    if foreign:
+    if not marker:
         raise MVTecCaptionError(
-            f"Refusing to write the export into {output}: it holds {', '.join(foreign[:5])}, which an "
-            "MVTec Caption export does not. Choose an empty or new folder for --output."
+            f"Refusing to write the export into {output}: it holds {entries[0]}, which this builder did not "
+            f"write (no {MARKER} record). Choose an empty or new folder for --output."
+        )
+    configs = marker["configs"]
+    for entry in entries:
+        if entry.name == MARKER:
+            continue
+        if entry.name == "README.md":
+            if _sha256(entry) not in marker.get("readme_sha256", []):
+                raise MVTecCaptionError(
+                    f"Refusing to write the export into {output}: {entry} was changed since the builder wrote it; "
+                    "move your edits elsewhere or choose another --output"
+                )
+            continue
+        if entry.is_dir() and entry.name in configs:
+            ours = set(configs[entry.name]["files"])
+            for file in sorted(entry.rglob("*")):
+                if file.relative_to(entry).as_posix() not in ours:
+                    raise MVTecCaptionError(
+                        f"Refusing to write the export into {output}: {file} was not written by the builder"
+                    )
+            continue
+        raise MVTecCaptionError(
+            f"Refusing to write the export into {output}: {entry} was not written by the builder"
         )
     return output
+
+
+def _check_name(config_name: str, name: str | None) -> str:
+    if config_name not in CONFIGS:
+        raise MVTecCaptionError(f"Unknown config {config_name!r}; choose one of {', '.join(CONFIGS)}")
+    if name is None:
+        return config_name
+    if config_name != "custom":
+        raise MVTecCaptionError(
+            f"--name is for --config custom; the {config_name} config is always named {config_name}"
+        )
+    if not _NAME.match(name) or name in ("ad", "loco") or name.startswith("."):
+        raise MVTecCaptionError(
+            f"--name {name!r} is not a usable config name (letters, digits, _ and -; not ad or loco)"
+        )
+    return name
 
 
 def export_dataset(
@@ -68,17 +152,19 @@ def export_dataset(
     categories: Sequence[str] | None = None,
     cache_dir: str | Path | None = None,
     max_shard_size: str | int = "500MB",
+    name: str | None = None,
 ) -> Path:
-    """Build one config into `output/<config>/`, then (re)render the card for every config present.
+    """Build one config into `output/<name>/` (name: the config's, or yours for `custom`), then
+    (re)render the card for every config present.
 
-    The shards are written to a staging folder first, so a failed build leaves an earlier export intact.
+    Everything is built in a staging folder beside `output` and renamed into place: a failed or killed
+    build leaves the earlier export (or no folder) as it was, never a mix.
     """
-    if config_name not in CONFIGS:
-        raise MVTecCaptionError(f"Unknown config {config_name!r}; choose one of {', '.join(CONFIGS)}")
+    name = _check_name(config_name, name)
+    output = Path(output)
+    prefix = f".{output.name}.staging-"
+    _recover_interrupted(output, prefix)
     output = check_output_dir(output)
-    output.mkdir(parents=True, exist_ok=True)
-    for leftover in output.glob(f"{_STAGING}*"):
-        shutil.rmtree(leftover, ignore_errors=True)
     builder = MVTecCaption(
         config_name=config_name,
         data_dir=str(data_dir),
@@ -86,56 +172,111 @@ def export_dataset(
         categories=categories,
         cache_dir=None if cache_dir is None else str(cache_dir),
     )
-    # Staged next to the export (same file system for the final rename); datasets puts its lock files
-    # beside its output folder, hence the extra level.
-    staging_root = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{config_name}-", dir=output))
-    staging = staging_root / "build"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging_root = Path(tempfile.mkdtemp(prefix=prefix, dir=output.parent))
     try:
-        try:
-            builder.download_and_prepare(str(staging), file_format="parquet", max_shard_size=max_shard_size)
-        except datasets.exceptions.DatasetGenerationError as err:
-            if isinstance(err.__cause__, MVTecCaptionError):
-                raise err.__cause__ from None
-            raise
-        target = staging_root / config_name
+        # datasets puts its lock files beside its output folder, hence the extra level.
+        builder.download_and_prepare(
+            str(staging_root / "build"), file_format="parquet", max_shard_size=max_shard_size
+        )
+        target = staging_root / name
         target.mkdir()
         for split in builder.info.splits:
-            shards = sorted(staging.glob(f"{builder.dataset_name}-{split}*.parquet"))
+            shards = sorted((staging_root / "build").glob(f"{builder.dataset_name}-{split}*.parquet"))
             if not shards:
-                raise MVTecCaptionError(f"datasets wrote no Parquet shard for split {split!r} into {staging}")
+                raise MVTecCaptionError(f"datasets wrote no Parquet shard for split {split!r}")
             for i, shard in enumerate(shards):
                 shard.rename(target / f"{split}-{i:05d}-of-{len(shards):05d}.parquet")
-        final = output / config_name
-        if final.exists():
-            shutil.rmtree(final)
-        target.rename(final)
+        entry = {"kind": config_name, "files": sorted(p.name for p in target.iterdir())}
+        if not output.exists():
+            fresh = staging_root / "export"
+            fresh.mkdir()
+            target.rename(fresh / name)
+            _write_marker(
+                fresh, {"written_by": "mvtec_caption", "configs": {name: entry}, "readme_sha256": []}
+            )
+            write_card(fresh, {name: builder.info})
+            fresh.rename(output)
+        else:
+            _replace_config(output, name, entry, target, staging_root)
+            write_card(output, {name: builder.info})
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
-    write_card(output, {config_name: builder.info})
     return output
 
 
+def _recover_interrupted(output: Path, prefix: str) -> None:
+    """Undo what a killed build left: a config moved aside but not yet replaced gets its old files back;
+    the staging folders and half-written card or record (ours by name) go."""
+    if not output.parent.is_dir():
+        return
+    marker = read_marker(output) if output.is_dir() else {}
+    if marker:
+        for name in ("README.md", MARKER):
+            for tmp in output.glob(f".{name}.*.tmp"):
+                tmp.unlink()
+    for leftover in sorted(output.parent.glob(f"{prefix}*")):
+        previous = leftover / "previous"
+        if previous.is_dir() and marker:
+            name = next((n for n in marker["configs"] if not (output / n).exists()), None)
+            if name is not None:
+                previous.rename(output / name)
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _replace_config(output: Path, name: str, entry: dict, target: Path, staging_root: Path) -> None:
+    """Swap `target` in as `output/<name>`; the record lists old and new files until the swap is done."""
+    marker = read_marker(output) or {"written_by": "mvtec_caption", "configs": {}, "readme_sha256": []}
+    old = marker["configs"].get(name, {}).get("files", [])
+    marker["configs"][name] = {**entry, "files": sorted({*old, *entry["files"]})}
+    _write_marker(output, marker)
+    final = output / name
+    if final.exists():
+        final.rename(staging_root / "previous")
+    target.rename(final)
+    marker["configs"][name] = entry
+    _write_marker(output, marker)
+
+
 def _config_files(output: Path) -> dict[str, dict[str, list[Path]]]:
-    """{config: {split: [shard, ...]}} of what is on disk."""
+    """{config: {split: [shard, ...]}} of what is on disk (configs from the record, else any shard folder)."""
+    marker = read_marker(output)
+    if marker:
+        names = list(marker["configs"])
+    else:
+        names = (
+            sorted(p.name for p in output.iterdir() if p.is_dir() and any(p.glob("*.parquet")))
+            if output.is_dir()
+            else []
+        )
     found: dict[str, dict[str, list[Path]]] = {}
-    for config_name, splits in SPLITS.items():
-        for split in splits:
+    for config_name in names:
+        for split in _SPLIT_ORDER:
             shards = sorted((output / config_name).glob(f"{split}-*.parquet"))
             if shards:
-                found.setdefault(config_name, {})[str(split)] = shards
+                found.setdefault(config_name, {})[split] = shards
     return found
 
 
 def summarize(output: str | Path) -> dict[str, dict]:
     """Counts per config and split, read from the shards' metadata columns (no image bytes read)."""
     summary: dict[str, dict] = {}
+    kinds = {name: c.get("kind", name) for name, c in read_marker(Path(output)).get("configs", {}).items()}
     for config_name, splits in _config_files(Path(output)).items():
-        entry: dict = {"splits": {}, "categories": [], "captions": 0, "synthetic": False}
+        entry: dict = {
+            "kind": kinds.get(config_name, config_name), "splits": {}, "categories": [], "captions": 0,
+            "templated": 0, "synthetic": False,
+        }  # fmt: skip
         for split, shards in splits.items():
-            table = pq.read_table(shards, columns=["category", "is_anomaly", "caption"])
+            columns = ["category", "is_anomaly", "caption"]
+            if "caption_source" in pq.read_schema(shards[0]).names:
+                columns.append("caption_source")
+            table = pq.read_table(shards, columns=columns)
             anomalies = sum(table.column("is_anomaly").to_pylist())
             entry["splits"][split] = {"examples": table.num_rows, "anomalies": anomalies}
             entry["captions"] += sum(1 for c in table.column("caption").to_pylist() if c)
+            if "caption_source" in columns:
+                entry["templated"] += table.column("caption_source").to_pylist().count("template")
             entry["synthetic"] |= any(
                 c.startswith(SYNTHETIC_PREFIX) for c in table.column("caption").to_pylist()
             )
@@ -153,11 +294,17 @@ def write_card(output: str | Path, infos: dict[str, datasets.DatasetInfo] | None
     card_data = DatasetCard.load(readme).data if readme.exists() else DatasetCardData()
     summary = summarize(output)
     files = _config_files(output)
-    card_data.license = LICENSE
+    mvtec = any(entry["kind"] in ("ad", "loco") for entry in summary.values())
+    card_data.license = LICENSE if mvtec else "other"
     card_data.pretty_name = "MVTec Caption"
     card_data.task_categories = ["image-to-image", "text-to-image", "image-segmentation"]
     card_data.language = ["en"]
-    card_data.tags = ["anomaly-detection", "anomaly-synthesis", "industrial-inspection", "mvtec"]
+    card_data.tags = [
+        "anomaly-detection",
+        "anomaly-synthesis",
+        "industrial-inspection",
+        *(["mvtec"] if mvtec else []),
+    ]
     total = sum(s["examples"] for entry in summary.values() for s in entry["splits"].values())
     card_data.size_categories = ["n<1K" if total < 1000 else "1K<n<10K" if total < 10000 else "10K<n<100K"]
     card_data.configs = [
@@ -179,18 +326,55 @@ def write_card(output: str | Path, infos: dict[str, datasets.DatasetInfo] | None
         summary=summary,
         citation=CITATION,
     )
-    card.save(readme)
+    # Atomic, and recorded as ours before it lands: a kill at any point leaves a card the next build
+    # recognises.
+    text = str(card)
+    marker = read_marker(output)
+    sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    marker["readme_sha256"] = [*marker.get("readme_sha256", [])[-1:], sha]
+    _write_marker(output, marker)
+    _write_atomic(readme, text)
+    marker["readme_sha256"] = [sha]
+    _write_marker(output, marker)
     return readme
 
 
+def _check_rows(output: Path, config_name: str, split: str, shards: list[Path]) -> None:
+    """Decode every image and mask once, naming the first one that is truncated, empty or misfit."""
+    total = sum(pq.ParquetFile(shard).metadata.num_rows for shard in shards)
+    bar = tqdm(
+        total=total, desc=f"Decoding {config_name}/{split}", unit=" rows", disable=None
+    )  # None: tty only
+    for shard in shards:
+        parquet = pq.ParquetFile(shard)
+        for batch in parquet.iter_batches(batch_size=16, columns=["image", "mask", "path", "is_anomaly"]):
+            bar.update(batch.num_rows)
+            for row in batch.to_pylist():
+                where = f"{output}: {config_name}/{split} {row['path']}"
+                image = decode(row["image"]["bytes"], f"{where} (image)")
+                mask = decode(row["mask"]["bytes"], f"{where} (mask)")
+                if image.size != mask.size or mask.mode != "L":
+                    raise MVTecCaptionError(
+                        f"{where}: mask is {mask.mode} {mask.size[0]}x{mask.size[1]}, image {image.size[0]}x{image.size[1]}"
+                    )
+                if row["is_anomaly"] and not np.asarray(mask).any():
+                    raise MVTecCaptionError(f"{where}: an anomaly whose mask is all zero")
+    bar.close()
+
+
 def check_export(output: str | Path, cache_dir: str | Path | None = None) -> dict[str, dict]:
-    """Load every config of an export with `load_dataset` and compare it with the shards' counts."""
+    """Load every config of an export with `load_dataset`, compare it with the shards' counts, and
+    decode every image and mask once."""
     output = Path(output)
     if not (output / "README.md").is_file():
         raise MVTecCaptionError(f"{output} is not an MVTec Caption export: README.md is missing")
     summary = summarize(output)
     if not summary:
-        raise MVTecCaptionError(f"{output} holds no ad/ or loco/ Parquet shards")
+        raise MVTecCaptionError(f"{output} holds no config folder with Parquet shards")
+    files = _config_files(output)
+    for config_name, splits in files.items():
+        for split, shards in splits.items():
+            _check_rows(output, config_name, split, shards)
     for config_name, entry in summary.items():
         loaded = datasets.load_dataset(
             str(output), config_name, cache_dir=None if cache_dir is None else str(cache_dir)
@@ -199,15 +383,6 @@ def check_export(output: str | Path, cache_dir: str | Path | None = None) -> dic
             if loaded[split].num_rows != counts["examples"]:
                 raise MVTecCaptionError(
                     f"{output}: {config_name}/{split} loads {loaded[split].num_rows} rows, shards hold {counts['examples']}"
-                )
-            first = loaded[split][0]
-            if (
-                first["image"].mode != "RGB"
-                or first["mask"].mode != "L"
-                or first["image"].size != first["mask"].size
-            ):
-                raise MVTecCaptionError(
-                    f"{output}: {config_name}/{split} row 0 ({first['path']}) has a bad image/mask"
                 )
     return summary
 
@@ -224,7 +399,7 @@ def push_to_hub(
     files = _config_files(output)
     if not (output / "README.md").is_file() or not files:
         raise MVTecCaptionError(
-            f"{output} is not an MVTec Caption export (README.md and ad/ or loco/ shards); "
+            f"{output} is not an MVTec Caption export (README.md and config folders of Parquet shards); "
             "run `mvtec-caption build` first"
         )
     api = HfApi(token=token)

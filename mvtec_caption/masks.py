@@ -10,13 +10,8 @@ import numpy as np
 from PIL import Image
 
 from .errors import MVTecCaptionError
+from .images import decode, image_size
 from .layout import Record
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding the pixels."""
-    with Image.open(path) as image:
-        return image.size
 
 
 def binarize(array: np.ndarray) -> np.ndarray:
@@ -54,20 +49,30 @@ def check_mask_sizes(record: Record) -> tuple[int, int]:
     return size
 
 
-def _read_mask(path: Path, size: tuple[int, int], record: Record) -> tuple[np.ndarray, str]:
-    with Image.open(path) as mask:
+def _read_mask(path: Path, size: tuple[int, int], record: Record) -> tuple[np.ndarray, str, bytes]:
+    data = path.read_bytes()
+    with decode(data, path) as mask:  # decoded in full: a truncated mask stops the build here, named
         _check_size(record, path, mask.size, size)
-        return np.asarray(mask.convert("L")), mask.mode
+        return np.asarray(mask.convert("L")), mask.mode, data
 
 
 def mask_png(record: Record, size: tuple[int, int]) -> bytes:
-    """The record's mask: the union of its region files (one file for AD), binarised to 0/255."""
+    """The record's mask: the union of its region files (one file for AD), binarised to 0/255.
+
+    An anomaly whose mask is empty would teach the model a defect with no location: refused."""
     if not record.masks:
         return zero_mask_png(size)
-    first, mode = _read_mask(record.masks[0], size, record)
-    if len(record.masks) == 1 and mode == "L" and not ((first != 0) & (first != 255)).any():
-        return record.masks[0].read_bytes()  # already what we store (MVTec AD): no re-encoding
+    first, mode, data = _read_mask(record.masks[0], size, record)
     union = first > 0
     for path in record.masks[1:]:
         union |= _read_mask(path, size, record)[0] > 0
+    if not union.any():
+        names = ", ".join(str(p) for p in record.masks)
+        raise MVTecCaptionError(
+            f"{record.category}/{record.defect_type}: the mask of anomaly {record.image} is all zero ({names}); "
+            "an anomaly needs its defect region marked"
+        )
+    is_png = data[:8] == b"\x89PNG\r\n\x1a\n"
+    if len(record.masks) == 1 and is_png and mode == "L" and not ((first != 0) & (first != 255)).any():
+        return data  # already what we store (MVTec AD): no re-encoding
     return encode_png(binarize(union))

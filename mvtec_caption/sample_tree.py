@@ -196,3 +196,73 @@ def pack_tar_xz(folder: str | Path, archive: str | Path) -> Path:
         for child in sorted(folder.iterdir()):
             tar.add(child, arcname=child.name)
     return archive
+
+
+# --- a made-up tree in the layout of MPDD / BTAD / converted VisA, for the `custom` config ----------------
+
+CUSTOM_CATEGORIES = {
+    # category: {defect type: (image suffix, mask naming, number of images)}; "flange_plate" is left
+    # out of the captions file, so it gets template captions.
+    "gizmo": {"dent": (".jpg", "{stem}_mask.png", 5), "burr-mark": (".jpg", "{stem}.png", 4)},
+    "flange_plate": {"missing_bolt": (".jpg", "{stem}.png", 3), "Rust_Spot": (".png", "{stem}_mask.png", 3)},
+}
+CUSTOM_SIZES = {"gizmo": (40, 32), "flange_plate": (36, 36)}
+
+
+def custom_caption(category: str, defect: str, stem: str) -> str:
+    """The made-up human caption of image `stem`: it names its file, so a test can see the pairing."""
+    return f"A {defect} on the {category}, file {stem}."
+
+
+def make_custom_tree(
+    root: str | Path,
+    captions_path: str | Path | None = None,
+    *,
+    n_train: int = 4,
+    n_test_good: int = 2,
+    n_validation: int = 0,
+    seed: int = 0,
+) -> SampleTree:
+    """A custom MVTec-layout tree: made-up categories and defect types, JPEG images named `<type>_<n>`
+    (natural order: _2 before _10), masks `<stem>_mask.png` or `<stem>.png`, numbering from 1.
+
+    Captions (written to `captions_path`) cover `gizmo` only: `dent` as a list in file order, `burr-mark`
+    as {file name: caption}; `flange_plate` has none and is captioned from the template.
+    `n_validation` > 0 adds <category>/validation/good (a validation split).
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    captions: dict = {}
+    for category, defects in CUSTOM_CATEGORIES.items():
+        size = CUSTOM_SIZES[category]
+        texture = _texture(size, False, rng)
+        for split, n in (("train", n_train), ("test", n_test_good), ("validation", n_validation)):
+            for i in range(n):
+                path = root / category / split / NORMAL / f"{category}_{2 * i + 1}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _image(texture, (i, 0, 255)).save(path, format="JPEG", quality=95)
+        for defect_id, (defect, (suffix, mask_name, n)) in enumerate(defects.items()):
+            stems = [f"{defect}_{k}" for k in (1, 2, 10, 11, 20, 3)[:n]]  # sorted naturally: 1, 2, 3, 10, ...
+            for i, stem in enumerate(stems):
+                image = _image(texture, (i, 0, defect_id))
+                path = root / category / "test" / defect / f"{stem}{suffix}"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                image.save(path, format="JPEG" if suffix == ".jpg" else "PNG")
+                _save(Image.fromarray(_region(size, i, 0, 255), mode="L"),
+                      root / category / "ground_truth" / defect / mask_name.format(stem=stem))  # fmt: skip
+            if category == "gizmo":
+                from .layout import natural_key
+
+                ordered = sorted(stems, key=lambda s: natural_key(Path(s)))
+                texts = [custom_caption(category, defect, s) for s in ordered]
+                captions.setdefault(category, {})[defect] = (
+                    texts
+                    if defect == "dent"
+                    else {f"{s}{suffix}": t for s, t in zip(ordered, texts, strict=True)}
+                )
+    written = None
+    if captions_path is not None:
+        written = Path(captions_path)
+        written.parent.mkdir(parents=True, exist_ok=True)
+        written.write_text(json.dumps(captions, indent=1))
+    return SampleTree(root=root, captions=captions, captions_path=written)

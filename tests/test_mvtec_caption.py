@@ -10,21 +10,21 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from cli_checks import assert_refused
 from PIL import Image
 
 from mvtec_caption import MVTecCaption, MVTecCaptionError, make_sample_tree, read_captions
+from mvtec_caption.captions import shipped_captions, shipped_captions_path
+from mvtec_caption.cli import main
 from mvtec_caption.layout import CATEGORIES, GRAYSCALE_CATEGORIES
 from mvtec_caption.sample_tree import pack_tar_xz, stamp_of
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CAPTIONS_DIR = SHARED / "data" / "mvtec_caption"
 SCALE = 0.02  # LOCO stays non-square (e.g. 16x32, 34x17); AD about 20x20
 
 
 def _real_captions(config_name: str) -> dict:
-    path = CAPTIONS_DIR / f"{config_name}_captions.json"
-    assert path.is_file(), f"the shared test data {path} is missing (expected ../shared next to the repo)"
-    return json.loads(path.read_text())
+    """The authors' captions as shipped with the package (no file outside the repository)."""
+    return shipped_captions(config_name)
 
 
 def _build(config_name: str, data_dir, captions, cache_dir, **kwargs) -> datasets.DatasetDict:
@@ -283,35 +283,126 @@ def test_mask_size_mismatch_names_both_sizes(tmp_path, small):
 def test_captions_of_the_other_config_are_refused(tmp_path, small):
     tree = small("loco")
     with pytest.raises(MVTecCaptionError, match="not MVTec LOCO categories"):
-        _build("loco", tree.root, CAPTIONS_DIR / "ad_captions.json", tmp_path / "cache")
+        _build("loco", tree.root, shipped_captions_path("ad"), tmp_path / "cache")
 
 
-def test_offline_without_captions_says_how_to_pass_them(tmp_path, small, monkeypatch):
-    tree = small("loco")
+def test_shipped_captions_and_their_provenance():
+    """The package carries the 2,251 captions and where they came from (repository, commit, sha256)."""
+    from mvtec_caption.captions import CAPTION_SOURCES, CAPTIONS_COMMIT, CAPTIONS_REPO
+
+    counts = {
+        c: sum(len(v) for d in shipped_captions(c).values() for v in d.values()) for c in ("ad", "loco")
+    }
+    assert counts == {"ad": 1258, "loco": 993}
+    assert list(shipped_captions("ad")) == list(CATEGORIES["ad"])
+    assert set(shipped_captions("loco")) == set(CATEGORIES["loco"])
+    assert shipped_captions("ad")["bottle"]["broken_large"][0] == "The bottle has a large broken."
+    assert CAPTIONS_REPO == "hujiecpp/MVTec-Caption"
+    assert CAPTIONS_COMMIT == "2350d89c028fc34e92bb5779f7244c3dbe202b5e"
+    assert CAPTION_SOURCES["loco"] == (
+        "tools/Construct_MVTEC-LOCO-Caption.py",
+        "f05813823cc5b215b1c5de3e994cf4ec49cf7d2a5f9f67853b5c16f86a6cf376",
+    )
+    notes = (shipped_captions_path("ad").parent / "README.md").read_text()
+    assert CAPTIONS_COMMIT in notes and CAPTION_SOURCES["ad"][1] in notes
+
+
+def test_builds_offline_from_the_shipped_captions(tmp_path, monkeypatch):
+    """No captions argument and no network: the shipped captions are used."""
+    captions = _real_captions("loco")
+    subset = {"juice_bottle": captions["juice_bottle"]}
+    tree = make_sample_tree(tmp_path / "tree", "loco", subset, scale=0.01, n_train=1)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    builder = MVTecCaption(config_name="loco", data_dir=str(tree.root), cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(MVTecCaptionError, match=r"Construct_MVTEC-LOCO-Caption\.py.*--captions FILE"):
-        builder.download_and_prepare()
+
+    def no_network(self, url):
+        raise AssertionError(f"the build tried to download {url}")
+
+    monkeypatch.setattr(datasets.DownloadManager, "download", no_network)
+    builder = MVTecCaption(
+        config_name="loco",
+        data_dir=str(tree.root),
+        categories=["juice_bottle"],
+        cache_dir=str(tmp_path / "c"),
+    )
+    builder.download_and_prepare()
+    test = builder.as_dataset()["test"]
+    anomalies = test.filter(lambda a: a, input_columns="is_anomaly")
+    expected = [c for defect in subset["juice_bottle"].values() for c in defect]
+    assert anomalies["caption"] == expected
 
 
-def test_fetched_captions_must_match_the_pinned_sha256(tmp_path, small, monkeypatch):
-    tree = small("loco")
-    tampered = tmp_path / "Construct_MVTEC-LOCO-Caption.py"
-    tampered.write_text(_captions_script(tree.captions, tmp_path / "EXECUTED"))
+def test_a_changed_shipped_copy_is_refused(tmp_path, monkeypatch):
+    import mvtec_caption.captions as captions_module
+
+    changed = tmp_path / "data"
+    shutil.copytree(captions_module.DATA_DIR, changed)
+    _rewrite_json(changed / "ad_captions.json", lambda d: d["bottle"]["broken_large"].pop())
+    monkeypatch.setattr(captions_module, "DATA_DIR", changed)
+    with pytest.raises(
+        MVTecCaptionError, match=r"shipped captions file .*ad_captions\.json has been changed"
+    ):
+        shipped_captions("ad")
+
+
+def _stub_download(monkeypatch, served: Path) -> list[str]:
     urls = []
 
     def fake_download(self, url):
         urls.append(url)
-        return str(tampered)
+        return str(served)
 
     monkeypatch.setattr(datasets.DownloadManager, "download", fake_download)
-    builder = MVTecCaption(config_name="loco", data_dir=str(tree.root), cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(MVTecCaptionError, match="sha256 .* expected f05813823cc5b215"):
-        builder.download_and_prepare()
+    return urls
+
+
+def test_verify_fetches_the_pinned_file_and_refuses_a_tampered_one(tmp_path, monkeypatch, capsys):
+    tampered = tmp_path / "Construct_MVTEC-LOCO-Caption.py"
+    tampered.write_text(_captions_script(_real_captions("loco"), tmp_path / "EXECUTED"))
+    urls = _stub_download(monkeypatch, tampered)
+    assert_refused(
+        main, ["verify", "--config", "loco"], ["sha256", "expected f05813823cc5b215", str(tampered)]
+    )
     assert urls == [
         "https://raw.githubusercontent.com/hujiecpp/MVTec-Caption/2350d89c028fc34e92bb5779f7244c3dbe202b5e/"
         "tools/Construct_MVTEC-LOCO-Caption.py"
     ]
+    assert not (tmp_path / "EXECUTED").exists()
+
+
+def test_verify_compares_the_fetched_captions_with_the_shipped_copy(tmp_path, monkeypatch, capsys):
+    """With the pinned sha256 pointed at our stand-in file, the comparison itself decides."""
+    import mvtec_caption.captions as captions_module
+
+    captions = _real_captions("loco")
+    source = tmp_path / "Construct_MVTEC-LOCO-Caption.py"
+    source.write_text(_captions_script(captions, tmp_path / "EXECUTED"))
+    _stub_download(monkeypatch, source)
+    monkeypatch.setitem(
+        captions_module.CAPTION_SOURCES,
+        "loco",
+        (captions_module.CAPTION_SOURCES["loco"][0], captions_module.sha256_of(source)),
+    )
+    assert main(["verify", "--config", "loco"]) == 0
+    assert "loco: 993 captions" in capsys.readouterr().out
+    captions["pushpins"]["logical_anomalies"][7] = "A changed caption."
+    source.write_text(_captions_script(captions, tmp_path / "EXECUTED"))
+    monkeypatch.setitem(
+        captions_module.CAPTION_SOURCES,
+        "loco",
+        (captions_module.CAPTION_SOURCES["loco"][0], captions_module.sha256_of(source)),
+    )
+    assert_refused(main, ["verify", "--config", "loco", "--source", str(source)],
+                   [str(source), "pushpins/logical_anomalies caption 7", "A changed caption."])  # fmt: skip
+
+
+def test_verify_offline_says_how_to_pass_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+    def offline(self, url):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets.DownloadManager, "download", offline)
+    assert_refused(main, ["verify", "--config", "ad"], ["Construct_MVTEC-AD-Caption.py", "--source FILE"])
 
 
 def test_bad_captions_files_are_named(tmp_path):
@@ -325,3 +416,97 @@ def test_bad_captions_files_are_named(tmp_path):
     script.write_text('grid = {"bent": ["a"]}\n')
     with pytest.raises(MVTecCaptionError, match=r"noindex\.py has no `categories"):
         read_captions(script)
+
+
+# --- damaged files and interrupted extractions --------------------------------------------------------
+
+
+def _cli_build(tree, output, cache, config_name="ad", data_dir=None):
+    return ["build", "--config", config_name, "--data-dir", str(data_dir or tree.root), "--captions",
+            str(tree.captions_path), "--output", str(output), "--cache-dir", str(cache)]  # fmt: skip
+
+
+def test_half_truncated_image_or_mask_is_named(tmp_path, small):
+    """Its header is whole, so only a check of every byte finds it: the build must, and name it."""
+    tree = small("ad")
+    image = tree.root / "bottle" / "test" / "contamination" / "003.png"
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    with pytest.raises(MVTecCaptionError, match=rf"{image} is not a readable image \(truncated"):
+        _build("ad", tree.root, tree.captions_path, tmp_path / "cache")
+    tree = make_sample_tree(tmp_path / "t2", "ad", scale=0.02, captions_path=tmp_path / "t2.json")
+    mask = tree.root / "grid" / "ground_truth" / "bent" / "001_mask.png"
+    mask.write_bytes(mask.read_bytes()[: mask.stat().st_size // 2])
+    with pytest.raises(MVTecCaptionError, match=rf"{mask} is not a readable image"):
+        _build("ad", tree.root, tree.captions_path, tmp_path / "cache2")
+
+
+@pytest.mark.parametrize("damage", ["cut to 20 bytes", "not an image"])
+def test_cli_refuses_a_damaged_png_by_name(tmp_path, small, damage):
+    tree = small("ad")
+    image = tree.root / "screw" / "train" / "good" / "001.png"
+    image.write_bytes(image.read_bytes()[:20] if damage == "cut to 20 bytes" else b"<html>not found</html>")
+    output = tmp_path / "out"
+    assert_refused(main, _cli_build(tree, output, tmp_path / "cache"), str(image), [output, tree.root])
+
+
+def test_anomaly_with_an_all_zero_mask_is_named(tmp_path, small):
+    tree = small("loco")
+    folder = tree.root / "juice_bottle" / "ground_truth" / "logical_anomalies" / "002"
+    for region in folder.glob("*.png"):
+        Image.new("L", Image.open(region).size, 0).save(region)
+    with pytest.raises(
+        MVTecCaptionError, match=r"juice_bottle/logical_anomalies: the mask of anomaly .*002\.png is all zero"
+    ):
+        _build("loco", tree.root, tree.captions_path, tmp_path / "cache")
+
+
+def test_cli_refuses_a_truncated_archive_by_name(tmp_path, small):
+    tree = small("ad")
+    archive = pack_tar_xz(tree.root, tmp_path / "mvtec_anomaly_detection.tar.xz")
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    output = tmp_path / "out"
+    line = assert_refused(
+        main, _cli_build(tree, output, tmp_path / "cache", data_dir=archive), [str(archive), "truncated"],
+        [output, archive],
+    )  # fmt: skip
+    assert "Download it again" in line
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_dir() and ".partial-" in p.name]
+
+
+def test_interrupted_extraction_is_never_reused(tmp_path, small, monkeypatch):
+    """A killed extraction leaves only a temporary folder; the next run extracts afresh and builds every
+    normal image. A thinned extracted copy is refused against the archive's own counts."""
+    import tarfile
+
+    import mvtec_caption.archive as archive_module
+
+    tree = small("ad")
+    archive = pack_tar_xz(tree.root, tmp_path / "mvtec_anomaly_detection.tar.xz")
+    real_extract = tarfile.TarFile.extract
+    calls = []
+
+    def killed_after_five(self, member, *args, **kwargs):
+        calls.append(member.name)
+        if len(calls) > 5:
+            raise KeyboardInterrupt  # as a kill: no clean-up
+        return real_extract(self, member, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tarfile.TarFile, "extract", killed_after_five)
+        patch.setattr(archive_module.shutil, "rmtree", lambda *a, **k: None)
+        with pytest.raises(KeyboardInterrupt):
+            _build("ad", archive, tree.captions_path, tmp_path / "cache")
+    assert [p for p in (tmp_path / "cache").rglob(".*partial-*") if p.is_dir()]
+    ds = _build("ad", archive, tree.captions_path, tmp_path / "cache")
+    assert ds["train"].num_rows == sum(1 for _ in tree.root.glob("*/train/good/*.png")) == 6
+    assert not [p for p in (tmp_path / "cache").rglob(".*partial-*") if p.is_dir()]
+    extracted = next(p for p in (tmp_path / "cache").rglob("mvtec_anomaly_detection.tar.xz-*") if p.is_dir())
+    (extracted / "grid" / "train" / "good" / "001.png").unlink()
+    builder = MVTecCaption(
+        config_name="ad",
+        data_dir=str(archive),
+        captions=str(tree.captions_path),
+        cache_dir=str(tmp_path / "cache"),
+    )
+    with pytest.raises(MVTecCaptionError, match=r"grid/train/good holds 1 of the archive's 2 files"):
+        builder.download_and_prepare(download_mode="reuse_cache_if_exists")  # rebuild, same extraction

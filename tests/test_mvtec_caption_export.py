@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from cli_checks import assert_refused
 from huggingface_hub import DatasetCard, HfApi
 
 from mvtec_caption import MVTecCaptionError, export_dataset, make_sample_tree, push_to_hub
@@ -110,7 +111,9 @@ def test_export_refuses_folders_holding_python_source_or_other_files(tmp_path):
     assert sorted(p.name for p in (REPO / "mvtec_caption").iterdir()) == before
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "notes.txt").write_text("mine")
-    with pytest.raises(MVTecCaptionError, match=r"it holds notes\.txt"):
+    with pytest.raises(
+        MVTecCaptionError, match=r"it holds .*home/notes\.txt, which this builder did not write"
+    ):
         export_dataset("ad", tree.root, tmp_path / "home", tree.captions_path, cache_dir=tmp_path / "cache")
 
 
@@ -123,7 +126,7 @@ def test_failed_build_leaves_the_earlier_export_intact(tmp_path):
     with pytest.raises(MVTecCaptionError, match="grid/bent"):
         export_dataset("ad", tree.root, output, tree.captions_path, cache_dir=tmp_path / "cache2")
     assert sorted(p.name for p in (output / "ad").iterdir()) == shards
-    assert sorted(p.name for p in output.iterdir()) == ["README.md", "ad"]
+    assert sorted(p.name for p in output.iterdir()) == [".mvtec_caption_export.json", "README.md", "ad"]
 
 
 def test_cli_build_without_data_dir_builds_the_sample(tmp_path, capsys, monkeypatch):
@@ -132,7 +135,12 @@ def test_cli_build_without_data_dir_builds_the_sample(tmp_path, capsys, monkeypa
     printed = capsys.readouterr().out
     assert "No --data-dir given" in printed and "SAMPLE" in printed
     output = tmp_path / "outputs" / "mvtec_caption"
-    assert sorted(p.name for p in output.iterdir()) == ["README.md", "ad", "loco"]
+    assert sorted(p.name for p in output.iterdir()) == [
+        ".mvtec_caption_export.json",
+        "README.md",
+        "ad",
+        "loco",
+    ]
     assert main(["check", str(output), "--cache-dir", str(tmp_path / "cache")]) == 0
     assert "loads with load_dataset" in capsys.readouterr().out
 
@@ -146,12 +154,101 @@ def test_cli_build_from_data_dir_and_its_errors(tmp_path, capsys):
         "loco: train 4 (0 anomalies), validation 2 (0 anomalies), test 14 (12 anomalies)"
         in capsys.readouterr().out
     )
-    assert main([*args, "--output", str(REPO / "mvtec_caption")]) == 2
-    assert "holds Python source" in capsys.readouterr().err
-    assert main(["build", "--data-dir", str(tree.root), "--output", str(output)]) == 2
-    assert "--config {ad,loco} is required" in capsys.readouterr().err
-    assert main([*args, "--categories", "pushpins", "--output", str(output)]) == 2
-    assert "Unknown loco categories ['pushpins']" in capsys.readouterr().err
+    watch = [output, tree.root, REPO / "mvtec_caption"]
+    assert_refused(main, [*args, "--output", str(REPO / "mvtec_caption")], "holds Python source", watch)
+    assert_refused(main, ["build", "--data-dir", str(tree.root), "--output", str(output)],
+                   "--config {ad,loco,custom} is required", watch)  # fmt: skip
+    assert_refused(main, [*args, "--categories", "pushpins", "--output", str(output)],
+                   "Unknown loco categories ['pushpins']", watch)  # fmt: skip
+    assert_refused(
+        main, [*args, "--name", "mine", "--output", str(output)], "--name is for --config custom", watch
+    )
+
+
+def _build_args(tree, output, tmp_path):
+    return ["build", "--config", "ad", "--data-dir", str(tree.root), "--captions", str(tree.captions_path),
+            "--output", str(output), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+
+
+def test_export_never_overwrites_or_deletes_what_it_did_not_write(tmp_path):
+    """A user's README.md or ad/ folder in --output, or a file added to an export, is refused by name."""
+    tree = make_sample_tree(tmp_path / "raw", "ad", scale=0.02, captions_path=tmp_path / "ad.json")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("# my notes")
+    assert_refused(main, _build_args(tree, mine, tmp_path), str(mine / "README.md"), [mine, tree.root])
+    (mine / "README.md").unlink()
+    (mine / "ad").mkdir()
+    (mine / "ad" / "train-00000-of-00001.parquet").write_bytes(b"my own parquet")
+    assert_refused(main, _build_args(tree, mine, tmp_path), str(mine / "ad"), [mine, tree.root])
+
+    output = tmp_path / "export"
+    assert main(_build_args(tree, output, tmp_path)) == 0
+    (output / "ad" / "notes.txt").write_text("mine")
+    assert_refused(main, _build_args(tree, output, tmp_path), str(output / "ad" / "notes.txt"), [output])
+    (output / "ad" / "notes.txt").unlink()
+    card = (output / "README.md").read_text()
+    (output / "README.md").write_text(card + "\nMy own section.\n")
+    assert_refused(
+        main, _build_args(tree, output, tmp_path), [str(output / "README.md"), "was changed"], [output]
+    )
+    (output / "README.md").write_text(card)
+    (output / "loco").mkdir()
+    assert_refused(main, _build_args(tree, output, tmp_path), str(output / "loco"), [output])
+    (output / "loco").rmdir()
+    assert main(_build_args(tree, output, tmp_path)) == 0  # its own export: rebuilt in place
+
+
+def test_a_build_killed_while_swapping_leaves_the_old_result(tmp_path, monkeypatch):
+    """Killed between moving the old config aside and moving the new one in: the next run restores it."""
+    import mvtec_caption.export as export_module
+
+    tree = make_sample_tree(tmp_path / "raw", "ad", scale=0.02, captions_path=tmp_path / "ad.json")
+    output = tmp_path / "mvtec_caption"
+    export_dataset("ad", tree.root, output, tree.captions_path, cache_dir=tmp_path / "cache")
+    before = {p.name: p.read_bytes() for p in (output / "ad").iterdir()}
+    real_rename = Path.rename
+
+    def killed_at_the_swap(self, target):
+        if Path(target) == output / "ad" and self.parent.name.startswith(".mvtec_caption.staging-"):
+            raise KeyboardInterrupt  # as a kill: no clean-up runs
+        return real_rename(self, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "rename", killed_at_the_swap)
+        patch.setattr(export_module.shutil, "rmtree", lambda *a, **k: None)
+        with pytest.raises(KeyboardInterrupt):
+            export_dataset("ad", tree.root, output, tree.captions_path, cache_dir=tmp_path / "c2")
+    assert not (output / "ad").exists() and list(tmp_path.glob(".mvtec_caption.staging-*"))
+    (output / ".README.md.x1y2.tmp").write_text("a card write that was killed")
+    (tree.root / "grid" / "test" / "bent" / "000.png").unlink()  # the next build fails, yet recovers first
+    with pytest.raises(MVTecCaptionError, match="grid/bent"):
+        export_dataset("ad", tree.root, output, tree.captions_path, cache_dir=tmp_path / "c3")
+    assert {p.name: p.read_bytes() for p in (output / "ad").iterdir()} == before
+    assert not list(tmp_path.glob(".mvtec_caption.staging-*")) and not list(output.glob("*.tmp"))
+    check_export(output, cache_dir=tmp_path / "c4")
+
+
+def test_check_decodes_every_image_and_names_a_truncated_one(tmp_path):
+    import pyarrow as pa
+
+    tree = make_sample_tree(tmp_path / "raw", "ad", scale=0.02, captions_path=tmp_path / "ad.json")
+    output = tmp_path / "mvtec_caption"
+    export_dataset("ad", tree.root, output, tree.captions_path, cache_dir=tmp_path / "cache")
+    shard = next((output / "ad").glob("test-*.parquet"))
+    table = pq.read_table(shard)
+    images = table.column("image").to_pylist()
+    row = len(images) - 3  # not row 0: every row is decoded
+    images[row] = {**images[row], "bytes": images[row]["bytes"][: len(images[row]["bytes"]) // 2]}
+    index = table.schema.get_field_index("image")
+    table = table.set_column(
+        index, table.schema.field(index), pa.array(images, type=table.schema.field(index).type)
+    )
+    pq.write_table(table, shard)
+    path = table.column("path").to_pylist()[row]
+    assert_refused(
+        main, ["check", str(output), "--cache-dir", str(tmp_path / "c2")], ["ad/test", path], [output]
+    )
 
 
 def test_push_uploads_the_export_as_a_dataset_repo(tmp_path, monkeypatch):
