@@ -113,6 +113,15 @@ def _pairs(samples: list[Sample], resolution: int) -> tuple[torch.Tensor, torch.
     return _images(samples, resolution), torch.from_numpy(np.stack(masks).astype(np.float32))[:, None]
 
 
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """A shuffled epoch of index batches. A last batch of one joins the batch before it: BatchNorm cannot
+    train on a single sample, and dropping it would silently skip an anomaly."""
+    batches = list(torch.randperm(n, generator=generator).split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
+
+
 def train_localization(
     normals: list[Sample],
     anomalies: list[Sample],
@@ -145,7 +154,7 @@ def train_localization(
     generator = torch.Generator().manual_seed(seed)
     model.train()
     for _ in _tqdm(range(epochs), progress, desc="U-Net epochs"):
-        for idx in torch.randperm(len(images), generator=generator).split(batch_size):
+        for idx in _batches(len(images), batch_size, generator):
             x, y = _normalise(images[idx]).to(device), masks[idx].to(device)
             if torch.rand((), generator=generator) < 0.5:
                 x, y = x.flip(-1), y.flip(-1)
@@ -219,7 +228,7 @@ def train_classifier(
     generator = torch.Generator().manual_seed(seed)
     model.train()
     for _ in _tqdm(range(epochs), progress, desc="ResNet-34 epochs"):
-        for idx in torch.randperm(len(images), generator=generator).split(batch_size):
+        for idx in _batches(len(images), batch_size, generator):
             x = _normalise(images[idx]).to(device)
             if torch.rand((), generator=generator) < 0.5:
                 x = x.flip(-1)
