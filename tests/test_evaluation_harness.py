@@ -267,7 +267,10 @@ def test_generated_masks_of_another_size_or_all_zero_are_refused(real_dir, tmp_p
             ["--baseline-per-defect-type", "2", "--generated", "perlin=elsewhere"],
             "'perlin' is the baseline's",
         ),
-        (["--inception-weights", "missing.safetensors"], "--inception-weights 'missing.safetensors'"),
+        (
+            ["--inception-weights", "missing.safetensors"],
+            "--inception-weights: weights file missing.safetensors",
+        ),
         (["--device", "cuda:0" if not torch.cuda.is_available() else "nodevice"], "--device"),
         (["output-is-a-file"], "is a file"),
         (["report.json-is-a-folder"], "report.json is in the way"),
@@ -318,3 +321,13 @@ def test_report_is_replaced_atomically(tmp_path, monkeypatch):
         "report.json",
         "report.md",
     }
+
+
+def test_missing_pretrained_backbone_is_refused_before_any_work(real_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))  # no cached backbones
+    monkeypatch.setattr(harness, "evaluate_generators", None)  # never reached
+    gen = _write_generated(tmp_path / "gen", per_type=1)
+    argv = [a for a in _evaluate_argv(real_dir, gen, tmp_path / "report") if a != "--random-backbones"]
+    assert_refused(evaluate_main, argv, ["--inception-weights", "weights-inception-2015-12-05"], [tmp_path])
+    argv += ["--metrics", "localization", "classification", "--classifier-weights", "hub"]
+    assert_refused(evaluate_main, argv, ["--classifier-weights", "resnet34-b627a593.pth"], [tmp_path])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 __all__ = ["add_arguments", "check_arguments", "main", "run"]
@@ -99,7 +98,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     """Every check that needs no data, before anything is read or computed; a ``ValueError`` names the flag."""
     import torch
 
+    from .generation import _LPIPS_BACKBONE
     from .report import check_output
+    from .weights import backbone_file
 
     names = [name for name, _ in args.generated]
     if duplicates := sorted({n for n in names if names.count(n) > 1}):
@@ -128,14 +129,25 @@ def check_arguments(args: argparse.Namespace) -> None:
             f"--resolution {args.resolution} must be a multiple of {bottleneck} and at least {2 * bottleneck} "
             f"for a --unet-depth {args.unet_depth} U-Net"
         )
-    for flag in ("classifier_weights", "inception_weights", "lpips_weights"):
-        path = getattr(args, flag)
-        if (
-            path is not None
-            and not (flag == "classifier_weights" and path == "hub")
-            and not os.path.isfile(path)
-        ):
-            raise ValueError(f"--{flag.replace('_', '-')} {path!r} is not a file")
+    # Every pretrained file the metrics will read: a path given is checked always, the hub cache when used.
+    pretrained = not args.random_backbones
+    lpips = _LPIPS_BACKBONE[args.lpips_net]
+    classifier = None if args.classifier_weights == "hub" else args.classifier_weights
+    for flag, key, path, used in (
+        (
+            "--inception-weights",
+            "inception",
+            args.inception_weights,
+            "inception_score" in args.metrics and pretrained,
+        ),
+        ("--lpips-weights", lpips, args.lpips_weights, "ic_lpips" in args.metrics and pretrained),
+        ("--classifier-weights", "resnet34", classifier, args.classifier_weights is not None),
+    ):
+        if path is not None or used:
+            try:
+                backbone_file(key, path)
+            except (FileNotFoundError, ValueError) as err:
+                raise ValueError(f"{flag}: {err}") from None
     try:
         device = torch.device(args.device)
     except RuntimeError as err:

@@ -59,6 +59,11 @@ def has_export(output_dir: str | os.PathLike) -> bool:
 def check_export_target(output_dir: str | os.PathLike) -> None:
     """Start-up check: the export would link the pipeline's names in ``output_dir``; none may be a user's file."""
     output_dir = Path(output_dir)
+    if os.path.lexists(output_dir / EXPORTS) and not (output_dir / EXPORTS).is_dir():
+        raise TrainingInputError(
+            f"--output_dir {str(output_dir)!r} holds a file {EXPORTS}, where the exported pipelines go: "
+            "move it away, or choose a new --output_dir"
+        )
     for name in _published_names():
         path = output_dir / name
         if os.path.lexists(path) and not _is_ours(path):
