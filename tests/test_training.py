@@ -387,6 +387,7 @@ def test_a_second_run_into_the_same_folder_is_refused(fixture, trained, tmp_path
         shutil.rmtree(checkpoint)
     args = argv(fixture, finished, "--max_train_steps", "2")
     assert_refused(main, args, "exported pipeline of another run", [finished])
+    assert_refused(main, [*args, "--resume_from_checkpoint", "latest"], "checkpoints are gone", [finished])
     # A file of the user's where the export would link the pipeline.
     mine = tmp_path / "mine"
     mine.mkdir()

@@ -41,6 +41,9 @@ RESUMABLE_FLAGS = frozenset(
     }
 )  # fmt: skip
 
+# Local folders may be named by other relative paths when a run is resumed.
+_PATH_FLAGS = frozenset({"pretrained_model_name_or_path", "image_encoder", "dataset_name"})
+
 logger = logging.getLogger(__name__)
 
 
@@ -76,12 +79,12 @@ def run_id_of(checkpoint: Path) -> str | None:
 def run_flags(args: argparse.Namespace) -> dict:
     """The flags that define a run (everything but :data:`RESUMABLE_FLAGS`), local paths made absolute."""
 
-    def normal(value):
-        if isinstance(value, str) and os.path.exists(value):
+    def normal(name, value):
+        if name in _PATH_FLAGS and isinstance(value, str) and os.path.exists(value):
             return os.path.realpath(value)
         return value if value is None or isinstance(value, int | float | str | bool | list) else str(value)
 
-    return {k: normal(v) for k, v in sorted(vars(args).items()) if k not in RESUMABLE_FLAGS}
+    return {k: normal(k, v) for k, v in sorted(vars(args).items()) if k not in RESUMABLE_FLAGS}
 
 
 def _names(paths: list[Path]) -> str:
@@ -142,6 +145,8 @@ def resolve_run(args: argparse.Namespace, has_export: bool = False) -> tuple[Pat
         if complete:
             raise TrainingInputError(f"{where} holds checkpoints of another run ({_names(complete)}): {hint}")
         if has_export:
+            if args.resume_from_checkpoint == "latest":  # nothing to resume: the checkpoints are gone
+                hint = "its checkpoints are gone, so choose a new --output_dir"
             raise TrainingInputError(f"{where} holds the exported pipeline of another run: {hint}")
         record = {"id": uuid.uuid4().hex}
     record["flags"] = run_flags(args)
