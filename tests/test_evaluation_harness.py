@@ -6,8 +6,11 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from cli_checks import assert_refused
 from PIL import Image
 
+from axf_pipeline.evaluation import data as data_module
+from axf_pipeline.evaluation import harness
 from axf_pipeline.evaluation.cli import main as evaluate_main
 from axf_pipeline.evaluation.data import RealData, Sample, load_anomalies, load_anomaly_folder
 from axf_pipeline.evaluation.downstream import (
@@ -195,10 +198,14 @@ def test_harness_compares_generators_including_perlin_baseline(real_dir, tmp_pat
 def test_cli_writes_json_markdown_and_plots(real_dir, tmp_path):
     gen = _write_generated(tmp_path / "gen", per_type=5)
     out = tmp_path / "report"
+    (out / "plots").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")  # a user's files in --output stay as they are
+    (out / "plots" / "mine.txt").write_text("mine too")
+    (out / "report.json").write_text("{}")  # an older report is replaced
     code = evaluate_main(
         [
             "--real", str(real_dir), "--generated", f"mine={gen}", "--output", str(out),
-            "--resolution", str(SIZE), "--classifier-resolution", str(SIZE), "--epochs", "2",
+            "--resolution", str(SIZE), "--classifier-resolution", "64", "--epochs", "2",
             "--classifier-epochs", "1", "--unet-channels", "4", "--unet-depth", "2",
             "--lpips-resolution", str(SIZE), "--random-backbones", "--no-progress",
         ]
@@ -213,3 +220,114 @@ def test_cli_writes_json_markdown_and_plots(real_dir, tmp_path):
     pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
     assert "curves_widget.png" in pngs and "bars_auc_p.png" in pngs and "bars_acc.png" in pngs
     assert all((out / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "plots" / "mine.txt").read_text() == "mine too"
+    assert not list(out.rglob("*.tmp"))
+
+
+# ---- bad input: one line, exit code 2, nothing written, before any compute (issue 11 items 8, 14) -------------
+def _evaluate_argv(real_dir, gen, out, *extra):
+    return [
+        "--real", str(real_dir), "--generated", f"mine={gen}", "--output", str(out), "--resolution", str(SIZE),
+        "--epochs", "1", "--classifier-epochs", "1", "--unet-channels", "4", "--unet-depth", "2",
+        "--lpips-resolution", str(SIZE), "--random-backbones", "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def test_generated_masks_of_another_size_or_all_zero_are_refused(real_dir, tmp_path):
+    gen = _write_generated(tmp_path / "gen", per_type=2)
+    wrong_size = gen / "widget" / "spot" / "001_mask.png"
+    mask = np.zeros((SIZE, SIZE + 8), np.uint8)
+    mask[4:12, 4:12] = 255
+    Image.fromarray(mask).save(wrong_size)
+    out = tmp_path / "report"
+    argv = _evaluate_argv(real_dir, gen, out)
+    line = assert_refused(evaluate_main, argv, [str(wrong_size), "40x32", "32x32"], [gen, out])
+    assert str(gen / "widget" / "spot" / "001.png") in line
+
+    Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(wrong_size)
+    assert_refused(evaluate_main, argv, [str(wrong_size), "all zero"], [gen, out])
+    # The same check for a dataset source of generated anomalies, named by its row.
+    rows = _rows(np.random.default_rng(5), "widget", n_train=0, n_good=0)[1]
+    rows[0] = (rows[0][0], np.zeros((SIZE, SIZE), np.uint8), *rows[0][2:])
+    _to_dataset(rows).save_to_disk(str(tmp_path / "gen_ds"))
+    argv = _evaluate_argv(real_dir, tmp_path / "gen_ds", out)
+    assert_refused(evaluate_main, argv, [f"mask of {tmp_path / 'gen_ds'}[0]", "all zero"], [out])
+
+
+@pytest.mark.parametrize(
+    "extra, mentions",
+    [
+        (["--classifier-resolution", "32"], "--classifier-resolution must be at least 64, got 32"),
+        (["--lpips-resolution", "8"], "--lpips-resolution must be at least 32"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--resolution", "36", "--unet-depth", "4"], "--resolution 36 must be a multiple of 8"),
+        (["--generated", "mine=elsewhere"], "['mine'] given more than once"),
+        (
+            ["--baseline-per-defect-type", "2", "--generated", "perlin=elsewhere"],
+            "'perlin' is the baseline's",
+        ),
+        (
+            ["--inception-weights", "missing.safetensors"],
+            "--inception-weights: weights file missing.safetensors",
+        ),
+        (["--device", "cuda:0" if not torch.cuda.is_available() else "nodevice"], "--device"),
+        (["output-is-a-file"], "is a file"),
+        (["report.json-is-a-folder"], "report.json is in the way"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_work(real_dir, tmp_path, monkeypatch, extra, mentions):
+    def never(*args, **kwargs):
+        raise AssertionError("data was read or evaluated before the arguments were checked")
+
+    monkeypatch.setattr(harness, "evaluate_generators", never)
+    monkeypatch.setattr(data_module, "RealData", never)
+    gen = _write_generated(tmp_path / "gen", per_type=1)
+    out = tmp_path / "report"
+    if extra == ["output-is-a-file"]:
+        out, extra = tmp_path / "report.txt", []
+        out.write_text("a file of the user's")
+    elif extra == ["report.json-is-a-folder"]:
+        (out / "report.json").mkdir(parents=True)
+        extra = []
+    assert_refused(evaluate_main, _evaluate_argv(real_dir, gen, out, *extra), mentions, [tmp_path])
+
+
+def test_report_is_replaced_atomically(tmp_path, monkeypatch):
+    from axf_pipeline.evaluation import report as report_module
+
+    out = tmp_path / "report"
+    old = {
+        "generators": ["g"],
+        "categories": ["c"],
+        "settings": {},
+        "results": {"g": {"c": {"n_generated": 1}}},
+    }
+    report_module.write_report(old, {}, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    new = {**old, "results": {"g": {"c": {"n_generated": 2}}}}
+
+    def failing_dumps(*args, **kwargs):  # the write of report.json fails half-way
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report_module.json, "dumps", failing_dumps)
+    with pytest.raises(OSError, match="disk full"):
+        report_module.write_report(new, {}, out)
+    assert json.loads((out / "report.json").read_bytes()) == old  # the old report, whole
+    assert not list(out.glob(".*.tmp"))
+    monkeypatch.undo()
+    report_module.write_report(new, {}, out)
+    assert json.loads((out / "report.json").read_text()) == new and set(before) == {
+        "report.json",
+        "report.md",
+    }
+
+
+def test_missing_pretrained_backbone_is_refused_before_any_work(real_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))  # no cached backbones
+    monkeypatch.setattr(harness, "evaluate_generators", None)  # never reached
+    gen = _write_generated(tmp_path / "gen", per_type=1)
+    argv = [a for a in _evaluate_argv(real_dir, gen, tmp_path / "report") if a != "--random-backbones"]
+    assert_refused(evaluate_main, argv, ["--inception-weights", "weights-inception-2015-12-05"], [tmp_path])
+    argv += ["--metrics", "localization", "classification", "--classifier-weights", "hub"]
+    assert_refused(evaluate_main, argv, ["--classifier-weights", "resnet34-b627a593.pth"], [tmp_path])

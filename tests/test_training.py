@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_checks import assert_refused
 from safetensors.torch import load_file
 
 from axf_pipeline.tiny import build_tiny_components, save_tiny_base
-from axf_pipeline.training import TrainingInputError, main, parse_args
+from axf_pipeline.training import main, parse_args
 from axf_pipeline.training.checkpointing import STATE_FILE, WEIGHTS_FILE, list_checkpoints
 from axf_pipeline.training.data import (
     AnomalyTrainingDataset,
@@ -55,6 +56,7 @@ def fixture(tmp_path_factory):
         for w in s.split()
     }
     base, encoder = save_tiny_base(root, build_tiny_components(words=words, scheduler="ddpm"))
+    load_mvtec_caption(str(root / "export"), "ad", str(root / "cache"))  # prepared once, here
     return {
         "root": root,
         "dataset": root / "export",
@@ -273,14 +275,16 @@ def test_sampler_deals_disjoint_batches_and_skips_exactly():
         ({"--resolution": "30"}, "--resolution 30 is not a multiple of 4"),
         ({"--resume_from_checkpoint": "/nonexistent/checkpoint-9"}, "--resume_from_checkpoint"),
         ({"--categories": "bottle", "--defect_types": "bent"}, "No anomalies to train on"),
-        ({"--categories": "cable"}, r"--categories \['cable'\] not in"),
+        ({"--categories": "cable"}, "--categories ['cable'] not in"),
         ({"--lora_rank": "4", "--train_unet": "full"}, "exclude each other"),
-        ({"drop": "mask"}, r"lacks the column\(s\) \['mask'\]"),
-        ({"drop": "caption"}, r"lacks the column\(s\) \['caption'\]"),
+        ({"--max_train_steps": "0"}, "--max_train_steps must be >= 1"),
+        ({"drop": "mask"}, "lacks the column(s) ['mask']"),
+        ({"drop": "caption"}, "lacks the column(s) ['caption']"),
         ({"base": "no_unet"}, "unet"),
     ],
 )
 def test_bad_input_fails_at_start_up(fixture, tmp_path, change, message):
+    """One line on stderr, exit code 2, no traceback, nothing written (issue 11 item 10)."""
     change = dict(change)
     args = argv(fixture, tmp_path / "out", "--max_train_steps", "1")
     if "drop" in change:
@@ -288,6 +292,7 @@ def test_bad_input_fails_at_start_up(fixture, tmp_path, change, message):
         folder = tmp_path / "data"
         folder.mkdir()
         data.remove_columns(change.pop("drop")).to_parquet(str(folder / "train.parquet"))
+        load_mvtec_caption(str(folder), "default", str(fixture["cache"]))  # prepared here, not in the refusal
         args[args.index("--dataset_name") + 1] = str(folder)
         args[args.index("--dataset_config") + 1] = "default"
     if "base" in change:
@@ -301,9 +306,17 @@ def test_bad_input_fails_at_start_up(fixture, tmp_path, change, message):
             args[args.index(flag) + 1] = value
         else:
             args += [flag, value]
-    with pytest.raises(TrainingInputError, match=message):
-        main(args)
-    assert not (tmp_path / "out" / "model_index.json").exists()
+    assert_refused(main, args, message, watch=[tmp_path])
+
+
+def test_train_py_refuses_in_one_line_without_a_traceback(fixture, tmp_path):
+    args = argv(fixture, tmp_path / "out", "--categories", "cable")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args], env=ENV, cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("train.py: error: --categories ['cable'] not in")
+    assert not (tmp_path / "out").exists()
 
 
 def test_crop_keeps_native_detail_and_the_defect_with_its_mask():
@@ -344,3 +357,133 @@ def test_cached_latents_give_the_same_step_inputs(fixture):
     a, b = plain(batch, step_generator(0, 1, 0)), cached(batch, step_generator(0, 1, 0))
     assert len(cached._latents) == 2
     assert torch.equal(a.noisy_latents, b.noisy_latents) and torch.equal(a.target, b.target)
+
+
+# ---- one run per folder, atomic export (issue 11 items 2, 3, 13) ------------------------------------------
+def _copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)  # the pipeline's names are relative links into exports/current
+    return dst
+
+
+def _mif_weight(folder) -> torch.Tensor:
+    from axf_pipeline import AnomalyXFusionPipeline
+
+    return AnomalyXFusionPipeline.from_pretrained(folder).mif.state_dict()["location_fc.weight"]
+
+
+def _checkpoint_mif_weight(checkpoint: Path) -> torch.Tensor:
+    return load_file(checkpoint / WEIGHTS_FILE)["mif.location_fc.weight"]
+
+
+def test_a_second_run_into_the_same_folder_is_refused(fixture, trained, tmp_path):
+    out = trained[0]
+    args = argv(fixture, out, "--max_train_steps", "4", "--checkpointing_steps", "2")
+    assert_refused(main, args, [str(out), "checkpoint-4, checkpoint-6", "--resume_from_checkpoint"], [out])
+    # Resuming the run with other flags that change what is learned: refused, naming the flag.
+    assert_refused(main, [*args, "--resume_from_checkpoint", "latest", "--seed", "1"], "--seed 1", [out])
+    # A finished run whose checkpoints were deleted still holds its pipeline.
+    finished = _copy_run(out, tmp_path / "finished")
+    for checkpoint in list_checkpoints(finished):
+        shutil.rmtree(checkpoint)
+    args = argv(fixture, finished, "--max_train_steps", "2")
+    assert_refused(main, args, "exported pipeline of another run", [finished])
+    assert_refused(main, [*args, "--resume_from_checkpoint", "latest"], "checkpoints are gone", [finished])
+    # A file of the user's where the export would link the pipeline.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("my notes")
+    assert_refused(main, argv(fixture, mine, "--max_train_steps", "2"), "README.md", [mine])
+
+
+def test_checkpoints_of_another_run_are_neither_resumed_nor_pruned(fixture, trained, tmp_path):
+    from accelerate import Accelerator
+
+    from axf_pipeline.training import checkpointing as ckpt
+
+    out = _copy_run(trained[0], tmp_path / "mixed")
+    foreign = out / "checkpoint-100"
+    shutil.copytree(out / "checkpoint-6", foreign)
+    state = json.loads((foreign / STATE_FILE).read_text())
+    state["run"]["id"] = "another-run"
+    (foreign / STATE_FILE).write_text(json.dumps(state))
+    args = argv(fixture, out, "--max_train_steps", "8", "--resume_from_checkpoint", "latest")
+    assert_refused(main, args, ["more than one run", "checkpoint-4"], [out])  # latest = the foreign one
+
+    # Pruning (--checkpoints_total_limit) counts and deletes this run's checkpoints only.
+    run = json.loads((out / "checkpoint-6" / STATE_FILE).read_text())["run"]
+    ckpt.save_checkpoint(Accelerator(), out, {"global_step": 8, "run": run}, total_limit=2)
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-6", "checkpoint-8", "checkpoint-100"]
+
+
+def test_empty_checkpoint_folder_is_skipped_by_latest(fixture, trained, tmp_path, caplog):
+    out = _copy_run(trained[0], tmp_path / "run")
+    (out / "checkpoint-8").mkdir()  # e.g. a copy that failed: no training_state.json
+    explicit = argv(
+        fixture, out, "--max_train_steps", "8", "--resume_from_checkpoint", str(out / "checkpoint-8")
+    )
+    assert_refused(main, explicit, ["checkpoint-8", "not a complete checkpoint"], [out])
+    # latest would save its own checkpoint-8 there: refused rather than deleting the folder.
+    clash = argv(fixture, out, "--max_train_steps", "8", "--resume_from_checkpoint", "latest")
+    assert_refused(main, clash, ["checkpoint-8", "not a complete checkpoint"], [out])
+
+    caplog.set_level("WARNING")
+    result = train(
+        parse_args(argv(fixture, out, "--max_train_steps", "6", "--resume_from_checkpoint", "latest"))
+    )
+    assert result.global_step == 6 and (out / "checkpoint-8").is_dir()
+    assert "checkpoint-8" in caplog.text and "not a complete checkpoint" in caplog.text
+    assert "is at step 6, not below --max_train_steps 6" in caplog.text  # nothing trained: said so
+    assert torch.equal(_mif_weight(out), _checkpoint_mif_weight(out / "checkpoint-6"))
+
+
+KILL_DURING_EXPORT = """
+import os, signal, sys
+from pathlib import Path
+import diffusers, axf_pipeline.training.export as export
+point = sys.argv[1]
+if point == "saving":  # after the UNet and the MIF are written, before the DDF and the card
+    save = diffusers.ModelMixin.save_pretrained
+    def killing_save(self, folder, *a, **k):
+        save(self, folder, *a, **k)
+        if Path(folder).name == "mif":
+            os.kill(os.getpid(), signal.SIGKILL)
+    diffusers.ModelMixin.save_pretrained = killing_save
+else:  # every file written and the links made, just before the switch
+    replace = os.replace
+    def killing_replace(src, dst, *a, **k):
+        if Path(dst).name == export.CURRENT:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return replace(src, dst, *a, **k)
+    export.os.replace = killing_replace
+from axf_pipeline.training import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("point", ["saving", "switching"])
+def test_kill_during_export_leaves_the_old_pipeline_loadable(fixture, trained, tmp_path, point):
+    out = _copy_run(trained[0], tmp_path / "run")
+    old = _mif_weight(out)
+    args = argv(fixture, out, "--max_train_steps", "8", "--resume_from_checkpoint", "latest")
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_EXPORT, point, *args], env=ENV, cwd=REPO, capture_output=True
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (out / "checkpoint-8").is_dir() and list((out / "exports").glob("step-000008-*")), (
+        "killed too early"
+    )
+    assert torch.equal(_mif_weight(out), old)  # the old export, whole: not the new MIF with the old DDF
+    assert (out / "README.md").read_text() == (trained[0] / "README.md").read_text()
+
+    train(parse_args(args))  # resumes at step 8: exports again, and removes the killed export
+    new = _mif_weight(out)
+    assert torch.equal(new, _checkpoint_mif_weight(out / "checkpoint-8")) and not torch.equal(new, old)
+    assert "| steps | 8 " in (out / "README.md").read_text()
+    assert len([p for p in (out / "exports").iterdir() if not p.is_symlink()]) == 1
+    assert {p.name for p in out.iterdir()} >= {
+        "checkpoint-6",
+        "checkpoint-8",
+        "logs",
+        "validation",
+        "unet_lora",
+    }

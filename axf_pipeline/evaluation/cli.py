@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "check_arguments", "main", "run"]
 
 
 def _generator_spec(text: str) -> tuple[str, str]:
@@ -55,7 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resolution", type=int, default=256, help="U-Net train/test resolution (DRAEM: 256)"
     )
-    parser.add_argument("--classifier-resolution", type=int, default=224)
+    parser.add_argument(
+        "--classifier-resolution", type=int, default=224, help="ResNet-34 input size (at least 64)"
+    )
     parser.add_argument("--epochs", type=int, default=10, help="U-Net epochs")
     parser.add_argument("--classifier-epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -72,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--lpips-net", default="vgg", choices=("vgg", "alex"))
     parser.add_argument(
-        "--lpips-resolution", type=int, default=256, help="IC-LPIPS image size (protocol: 256)"
+        "--lpips-resolution", type=int, default=256, help="IC-LPIPS image size (protocol: 256; at least 32)"
     )
     parser.add_argument("--max-cluster-size", type=int, default=50, help="IC-LPIPS cluster cap (0: no cap)")
     parser.add_argument("--small-clusters", default="skip", choices=("skip", "zero"))
@@ -86,41 +88,108 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
+# Smallest sizes the networks take: ResNet-34 and the LPIPS backbones down-sample by 32, and a last
+# batch of one image needs more than one feature per channel for BatchNorm.
+MIN_CLASSIFIER_RESOLUTION = 64
+MIN_LPIPS_RESOLUTION = 32
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every check that needs no data, before anything is read or computed; a ``ValueError`` names the flag."""
+    import torch
+
+    from .generation import _LPIPS_BACKBONE
+    from .report import check_output
+    from .weights import backbone_file
+
+    names = [name for name, _ in args.generated]
+    if duplicates := sorted({n for n in names if names.count(n) > 1}):
+        raise ValueError(
+            f"--generated: generator name(s) {duplicates} given more than once; names must be unique"
+        )
+    if not names and args.baseline_per_defect_type <= 0:
+        raise ValueError(
+            "no generator to evaluate: pass --generated NAME=PATH and/or --baseline-per-defect-type N"
+        )
+    if "perlin" in names and args.baseline_per_defect_type > 0:
+        raise ValueError(
+            "--generated: the name 'perlin' is the baseline's (--baseline-per-defect-type); rename it"
+        )
+    minimum = {
+        "resolution": 1, "classifier_resolution": MIN_CLASSIFIER_RESOLUTION, "epochs": 1,
+        "classifier_epochs": 1, "batch_size": 1, "unet_channels": 1, "unet_depth": 1,
+        "lpips_resolution": MIN_LPIPS_RESOLUTION, "max_cluster_size": 0, "baseline_per_defect_type": 0,
+    }  # fmt: skip
+    for name, low in minimum.items():
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    bottleneck = 2 ** (args.unet_depth - 1)
+    if args.resolution % bottleneck or args.resolution // bottleneck < 2:
+        raise ValueError(
+            f"--resolution {args.resolution} must be a multiple of {bottleneck} and at least {2 * bottleneck} "
+            f"for a --unet-depth {args.unet_depth} U-Net"
+        )
+    # Every pretrained file the metrics will read: a path given is checked always, the hub cache when used.
+    pretrained = not args.random_backbones
+    lpips = _LPIPS_BACKBONE[args.lpips_net]
+    classifier = None if args.classifier_weights == "hub" else args.classifier_weights
+    for flag, key, path, used in (
+        (
+            "--inception-weights",
+            "inception",
+            args.inception_weights,
+            "inception_score" in args.metrics and pretrained,
+        ),
+        ("--lpips-weights", lpips, args.lpips_weights, "ic_lpips" in args.metrics and pretrained),
+        ("--classifier-weights", "resnet34", classifier, args.classifier_weights is not None),
+    ):
+        if path is not None or used:
+            try:
+                backbone_file(key, path)
+            except (FileNotFoundError, ValueError) as err:
+                raise ValueError(f"{flag}: {err}") from None
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {args.device!r} is not a torch device ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device!r}: CUDA is not available here")
+    check_output(args.output)
+
+
 def run(args: argparse.Namespace) -> int:
     from .data import RealData, load_anomalies
     from .harness import HarnessOptions, evaluate_generators
     from .report import write_report
 
-    names = [name for name, _ in args.generated]
-    if len(set(names)) != len(names) or ("perlin" in names and args.baseline_per_defect_type > 0):
-        raise SystemExit(f"generator names must be unique (perlin is the baseline's): {names}")
-    options = HarnessOptions(
-        metrics=tuple(args.metrics),
-        resolution=args.resolution,
-        classifier_resolution=args.classifier_resolution,
-        epochs=args.epochs,
-        classifier_epochs=args.classifier_epochs,
-        batch_size=args.batch_size,
-        unet_channels=args.unet_channels,
-        unet_depth=args.unet_depth,
-        classifier_weights=args.classifier_weights,
-        inception_weights=args.inception_weights,
-        lpips_weights=args.lpips_weights,
-        lpips_net=args.lpips_net,
-        lpips_resolution=args.lpips_resolution,
-        max_cluster_size=args.max_cluster_size or None,
-        small_clusters=args.small_clusters,
-        baseline_per_defect_type=args.baseline_per_defect_type,
-        random_backbones=args.random_backbones,
-        device=args.device,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
-    try:
+    try:  # bad input: one line naming the flag or file, exit code 2, no traceback
+        check_arguments(args)
+        options = HarnessOptions(
+            metrics=tuple(args.metrics),
+            resolution=args.resolution,
+            classifier_resolution=args.classifier_resolution,
+            epochs=args.epochs,
+            classifier_epochs=args.classifier_epochs,
+            batch_size=args.batch_size,
+            unet_channels=args.unet_channels,
+            unet_depth=args.unet_depth,
+            classifier_weights=args.classifier_weights,
+            inception_weights=args.inception_weights,
+            lpips_weights=args.lpips_weights,
+            lpips_net=args.lpips_net,
+            lpips_resolution=args.lpips_resolution,
+            max_cluster_size=args.max_cluster_size or None,
+            small_clusters=args.small_clusters,
+            baseline_per_defect_type=args.baseline_per_defect_type,
+            random_backbones=args.random_backbones,
+            device=args.device,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
         real = RealData(args.real, args.real_config)
         generators = {name: load_anomalies(path, args.generated_config) for name, path in args.generated}
         report, curves = evaluate_generators(real, generators, options, args.categories)
-    except (ValueError, FileNotFoundError) as err:  # bad input: say what is missing, no traceback
+    except (ValueError, FileNotFoundError) as err:
         print(f"axf evaluate: error: {err}", file=sys.stderr)
         return 2
     paths = write_report(report, curves, args.output)

@@ -24,7 +24,14 @@ import numpy as np
 
 from .images import load_mask, to_rgb_uint8
 
-__all__ = ["RealData", "Sample", "load_anomalies", "load_anomaly_folder", "load_dataset_source"]
+__all__ = [
+    "RealData",
+    "Sample",
+    "check_anomalies",
+    "load_anomalies",
+    "load_anomaly_folder",
+    "load_dataset_source",
+]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 MASK_SUFFIX = "_mask"
@@ -58,6 +65,26 @@ class Sample:
     @property
     def is_anomaly(self) -> bool:
         return self.defect_type != "good"
+
+    def _name(self, value, what: str) -> str:
+        return str(value) if isinstance(value, str | os.PathLike) else f"{what} of {self.source}"
+
+    def check_anomaly(self) -> None:
+        """A synthetic anomaly's mask must mark a defect and have its image's size (nothing is stretched)."""
+        import torch
+
+        from ..image_processing import check_same_sizes
+
+        image, mask = self.load_image(), self.load_mask()
+        mask_name = self._name(self.mask, "mask")
+        if not mask.any():
+            raise ValueError(f"{mask_name} is empty (all zero): the anomaly marks no defect to evaluate")
+        check_same_sizes(  # compares heights and widths only
+            [torch.empty(0, *image.shape[:2])],
+            [torch.empty(0, *mask.shape)],
+            image_name=self._name(self.image, "image"),
+            mask_name=mask_name,
+        )
 
 
 def load_anomaly_folder(root: str | os.PathLike) -> list[Sample]:
@@ -145,6 +172,14 @@ def load_anomalies(source, config: str | None = None) -> list[Sample]:
             raise ValueError(f"dataset {source} holds no anomalies (no row with is_anomaly=True)")
         return samples
     return load_anomaly_folder(source)
+
+
+def check_anomalies(samples: list[Sample], name: str, progress: bool = True) -> None:
+    """:meth:`Sample.check_anomaly` on every sample of generator ``name``, before any metric runs."""
+    from tqdm.auto import tqdm
+
+    for sample in tqdm(samples, desc=f"checking {name}", disable=not progress, leave=False):
+        sample.check_anomaly()
 
 
 def _is_pair_folder(path: Path) -> bool:

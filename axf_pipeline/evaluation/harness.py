@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from tqdm.auto import tqdm
 
 from .baselines import perlin_anomalies
-from .data import RealData, Sample, group_by
+from .data import RealData, Sample, check_anomalies, group_by
 from .downstream import classification_accuracy, evaluate_localization, train_classifier, train_localization
 from .generation import ic_lpips, inception_score
 
@@ -53,6 +53,8 @@ def evaluate_generators(
     if unknown := sorted(set(options.metrics) - set(ALL_METRICS)):
         raise ValueError(f"unknown metric(s) {unknown}; choose from {list(ALL_METRICS)}")
     categories = list(categories or real.categories)
+    for name, samples in generators.items():  # the baseline's own anomalies need no check
+        check_anomalies([s for s in samples if s.category in categories], name, options.progress)
     generators = dict(generators)
     if options.baseline_per_defect_type > 0:
         generators["perlin"] = [

@@ -12,11 +12,12 @@ Percentages in the Markdown tables follow the paper (AUROC/AP/F1/accuracy × 100
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["METRIC_ROWS", "markdown_tables", "write_plots", "write_report"]
+__all__ = ["METRIC_ROWS", "check_output", "markdown_tables", "write_plots", "write_report"]
 
 # (label in tables, section, key, scale)
 METRIC_ROWS = [
@@ -119,7 +120,7 @@ def write_plots(report: dict, curves: dict, output: Path) -> list[Path]:
                 ax.legend(loc="best", fontsize="small")
         fig.tight_layout()
         path = output / f"curves_{category}.png"
-        fig.savefig(path, dpi=80)
+        _write_atomic(path, lambda p, fig=fig: fig.savefig(p, dpi=80, format="png"))
         plt.close(fig)
         written.append(path)
     gens, cats, results = report["generators"], report["categories"], report["results"]
@@ -141,17 +142,51 @@ def write_plots(report: dict, curves: dict, output: Path) -> list[Path]:
         ax.legend(fontsize="small")
         fig.tight_layout()
         path = output / f"bars_{label.replace('-', '_').lower()}.png"
-        fig.savefig(path, dpi=80)
+        _write_atomic(path, lambda p, fig=fig: fig.savefig(p, dpi=80, format="png"))
         plt.close(fig)
         written.append(path)
     return written
 
 
+def check_output(output: str | Path) -> None:
+    """Before any work: ``output`` must be (or be creatable as) a folder where the report's files can go."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {str(output)!r} is a file; give a folder for the report")
+    for name, folder in (("report.json", False), ("report.md", False), ("plots", True)):
+        if (output / name).exists() and (output / name).is_dir() != folder:
+            kind = "a folder" if folder else "a file"
+            raise ValueError(
+                f"--output {str(output)!r}: {name} is in the way (the report writes {kind} there)"
+            )
+    existing = next(p for p in (output, *output.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--output {str(output)!r}: {existing} is a file, so the folder cannot be made")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {str(output)!r}: {existing} is not writable")
+
+
+def _write_atomic(path: Path, write) -> None:
+    """``write(tmp)`` then rename over ``path``: a kill leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def write_report(report: dict, curves: dict, output: str | Path) -> dict[str, Path]:
-    """Write ``report.json``, ``report.md`` and the PNG plots under ``output``; return their paths."""
+    """Write the PNG plots, ``report.md`` and last ``report.json`` under ``output``, each atomically.
+
+    Only these files are written (replaced if present); nothing else in ``output`` is touched.
+    """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "report.json").write_text(json.dumps(report, indent=2, default=float))
-    (output / "report.md").write_text(markdown_tables(report))
     plots = write_plots(report, curves, output / "plots")
+    _write_atomic(output / "report.md", lambda p: p.write_text(markdown_tables(report)))
+    _write_atomic(output / "report.json", lambda p: p.write_text(json.dumps(report, indent=2, default=float)))
     return {"json": output / "report.json", "markdown": output / "report.md", "plots": plots}

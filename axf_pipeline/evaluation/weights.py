@@ -18,6 +18,7 @@ __all__ = [
     "BACKBONES",
     "BackboneFile",
     "MissingWeightsError",
+    "backbone_file",
     "load_backbone_state_dict",
     "hub_checkpoint_dir",
 ]
@@ -69,11 +70,8 @@ def hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def load_backbone_state_dict(key: str, path: str | os.PathLike | None = None) -> tuple[dict, str]:
-    """State dict of backbone ``key`` from ``path`` (safetensors) or the torch hub cache; never downloads.
-
-    Returns ``(state_dict, source)`` where ``source`` says which file was read.
-    """
+def backbone_file(key: str, path: str | os.PathLike | None = None) -> Path:
+    """The file :func:`load_backbone_state_dict` would read, without reading it: a check before any work."""
     spec = BACKBONES[key]
     if path is not None:
         path = Path(path)
@@ -84,16 +82,27 @@ def load_backbone_state_dict(key: str, path: str | os.PathLike | None = None) ->
                 f"weights file {path}: pass a .safetensors file (pickled .pth files are only read from the "
                 f"torch hub cache, as {hub_checkpoint_dir() / spec.filename})."
             )
-        from safetensors.torch import load_file
-
-        return load_file(str(path)), str(path)
+        return path
     cached = hub_checkpoint_dir() / spec.filename
     if cached.is_file():
-        import torch
-
-        return torch.load(cached, map_location="cpu", weights_only=True), str(cached)
+        return cached
     raise MissingWeightsError(
         f"{spec.used_for} needs pretrained weights, and nothing is downloaded at run time. Expected the file "
         f"{spec.filename} (from {spec.url}) in the torch hub cache at {cached}, or pass a .safetensors copy of "
         f"it by path. Place the file there (set TORCH_HOME to move the cache) and run again."
     )
+
+
+def load_backbone_state_dict(key: str, path: str | os.PathLike | None = None) -> tuple[dict, str]:
+    """State dict of backbone ``key`` from ``path`` (safetensors) or the torch hub cache; never downloads.
+
+    Returns ``(state_dict, source)`` where ``source`` says which file was read.
+    """
+    file = backbone_file(key, path)
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(file)), str(file)
+    import torch
+
+    return torch.load(file, map_location="cpu", weights_only=True), str(file)

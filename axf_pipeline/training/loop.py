@@ -6,6 +6,7 @@ import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -51,6 +52,24 @@ def load_base_pipeline(args: argparse.Namespace, torch_dtype: torch.dtype | None
     )
 
 
+def load_base_configs(args: argparse.Namespace) -> dict[str, SimpleNamespace]:
+    """The base's VAE and UNet configs without their weights: the start-up checks need only these."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    kwargs = {"revision": args.revision, "cache_dir": args.cache_dir}
+    configs = {}
+    for name, cls in (("vae", AutoencoderKL), ("unet", UNet2DConditionModel)):
+        try:
+            config = cls.load_config(args.pretrained_model_name_or_path, subfolder=name, **kwargs)
+        except OSError as err:
+            raise TrainingInputError(
+                f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: no readable "
+                f"{name}/config.json ({err})"
+            ) from err
+        configs[name] = SimpleNamespace(config=SimpleNamespace(**config))
+    return configs
+
+
 @dataclass
 class TrainingResult:
     output_dir: Path
@@ -81,7 +100,17 @@ def train(args: argparse.Namespace) -> TrainingResult:
 
     # ---- start-up checks: every bad input fails here, before any compute -------------------------
     check_base_model(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
-    resume_dir = ckpt.resolve_resume(args.resume_from_checkpoint, output_dir)
+    from .export import check_export_target, has_export
+
+    check_export_target(output_dir)
+    resume_dir, run = ckpt.resolve_run(args, has_export=has_export(output_dir))
+    base = load_base_configs(args)
+    check_resolution(args.resolution, base["vae"], base["unet"])
+    if base["unet"].config.in_channels not in (4, 9):
+        raise TrainingInputError(
+            f"--pretrained_model_name_or_path: UNet in_channels={base['unet'].config.in_channels}; "
+            "expected 4 (plain) or 9 (inpainting)"
+        )
     data = select_training_data(
         load_mvtec_caption(args.dataset_name, args.dataset_config, args.cache_dir),
         args.categories,
@@ -92,12 +121,6 @@ def train(args: argparse.Namespace) -> TrainingResult:
     set_seed(args.seed)  # fresh MIF/DDF (and LoRA) initialisations are reproducible
     pipe = load_base_pipeline(args)
     components = pipe.components
-    check_resolution(args.resolution, components["vae"], components["unet"])
-    if components["unet"].config.in_channels not in (4, 9):
-        raise TrainingInputError(
-            f"--pretrained_model_name_or_path: UNet in_channels={components['unet'].config.in_channels}; "
-            "expected 4 (plain) or 9 (inpainting)"
-        )
 
     # ---- model -----------------------------------------------------------------------------------
     weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
@@ -170,6 +193,13 @@ def train(args: argparse.Namespace) -> TrainingResult:
         logger.info("Resuming from %s", resume_dir)
         accelerator.load_state(str(resume_dir))
         global_step = ckpt.read_state(resume_dir)["global_step"]
+        if global_step >= args.max_train_steps:
+            logger.warning(
+                "%s is at step %d, not below --max_train_steps %d: nothing to train, its weights are exported",
+                resume_dir,
+                global_step,
+                args.max_train_steps,
+            )
     elif args.resume_from_checkpoint == "latest":
         logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting fresh", output_dir)
     micro = global_step * args.gradient_accumulation_steps
@@ -224,7 +254,12 @@ def train(args: argparse.Namespace) -> TrainingResult:
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}")
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                state = {"global_step": global_step, "micro_batches": micro, "epoch": micro // len(sampler)}
+                state = {
+                    "global_step": global_step,
+                    "micro_batches": micro,
+                    "epoch": micro // len(sampler),
+                    "run": run,
+                }
                 path = ckpt.save_checkpoint(accelerator, output_dir, state, args.checkpoints_total_limit)
                 logger.info("Saved %s", path)
             if (
