@@ -18,8 +18,12 @@ from pathlib import Path
 COMMAND = "axf synthesize"
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in --help, the description's example kept as written."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.formatter_class = _HelpFormatter
     parser.add_argument("--model", required=True, help="trained AnomalyXFusion pipeline: folder or Hub id")
     parser.add_argument(
         "--dataset", required=True, help="MVTec Caption-style dataset: export folder, save_to_disk folder or Hub id"
@@ -73,10 +77,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
     from . import export
-    from .core import SynthesisError, check_model, check_output, claim_output, load_pipeline, run_items
+    from .core import (
+        SynthesisError,
+        check_model,
+        check_output,
+        claim_output,
+        load_pipeline,
+        process_state,
+        run_items,
+    )
     from .plan import plan_items, select
     from .source import SourceData
 
@@ -99,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
         raise SynthesisError(f"--model {args.model} has no image_encoder for reference defects; pass --no-reference")
 
     # 2. The main process claims the folder; every process makes its share of the batches
-    state = PartialState()
+    state = process_state()
     if state.is_main_process:
         claim_output(args.output, COMMAND, settings)
     state.wait_for_everyone()

@@ -41,6 +41,7 @@ __all__ = [
     "image_size",
     "item_seed",
     "load_pipeline",
+    "process_state",
     "plan_batches",
     "run_items",
 ]
@@ -153,15 +154,23 @@ def check_model(model: str) -> None:
         )
 
 
+def process_state():
+    """accelerate's ``PartialState``; ``ACCELERATE_USE_CPU=1`` (as ``accelerate launch --cpu`` sets it) makes
+    several launched processes one gloo group on CPUs, as ``Accelerator`` does."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def load_pipeline(model: str, dtype: str = "float32", device: str | None = None, lora: str | None = None):
     """The pipeline on this process's device (accelerate's), progress bar off (the core shows its own)."""
     import torch
-    from accelerate import PartialState
 
     from ..pipeline_anomaly_x_fusion import AnomalyXFusionPipeline
 
     pipe = AnomalyXFusionPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype))
-    pipe = pipe.to(device or PartialState().device)
+    pipe = pipe.to(device or process_state().device)
     if lora:
         pipe.load_lora_weights(lora)
     pipe.set_progress_bar_config(disable=True)
@@ -273,11 +282,10 @@ def run_items(
 ) -> Summary:
     """Make every unfinished item (this process's share of the batches); returns the summary over all
     processes. ``call_kwargs`` go to every pipeline call (steps, guidance, padding_mask_crop ...)."""
-    from accelerate import PartialState
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    state = state or PartialState()
+    state = state or process_state()
     output = Path(output)
     start = time.perf_counter()
     made = skipped = 0

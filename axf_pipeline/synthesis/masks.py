@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["MaskSampler", "TEXTURE_CATEGORIES", "estimate_foreground"]
+__all__ = ["MaskSampler", "TEXTURE_CATEGORIES", "contact_sheet", "estimate_foreground"]
 
 # MVTec AD's texture categories: defects may go anywhere. Every other category is an object.
 TEXTURE_CATEGORIES = frozenset({"carpet", "grid", "leather", "tile", "wood"})
@@ -215,3 +215,25 @@ class MaskSampler:
             _, (cy, cx) = self.crops[source]
             mask[min(h - 1, int(cy * h / real.shape[0])), min(w - 1, int(cx * w / real.shape[1]))] = True
         return mask
+
+
+def contact_sheet(normals: Sequence[np.ndarray], masks: Sequence[np.ndarray], columns: int = 4):
+    """A PIL picture of sampled masks over their normals (mask pixels tinted red), ``columns`` per row:
+    the way to look at what the sampler does."""
+    import PIL.Image
+
+    tiles = []
+    for normal, mask in zip(normals, masks, strict=True):
+        rgb = np.asarray(normal)
+        rgb = np.repeat(rgb[..., None], 3, axis=2) if rgb.ndim == 2 else rgb[..., :3]
+        tile = rgb.astype(np.float32)
+        tile[mask] = 0.4 * tile[mask] + 0.6 * np.array([255, 0, 0], dtype=np.float32)
+        tiles.append(tile.astype(np.uint8))
+    h = max(t.shape[0] for t in tiles)
+    w = max(t.shape[1] for t in tiles)
+    rows = -(-len(tiles) // columns)
+    sheet = np.full((rows * h, min(columns, len(tiles)) * w, 3), 255, dtype=np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, columns)
+        sheet[r * h : r * h + tile.shape[0], c * w : c * w + tile.shape[1]] = tile
+    return PIL.Image.fromarray(sheet)
