@@ -139,7 +139,9 @@ def _items(args: argparse.Namespace, pairs, sizes):
                 "source_mask": str(mask),
                 "seed": args.seed + i * n + k,
             }
-            items.append(Item(f"{name}.png", f"{name}_mask.png", record["seed"], size, prepare(image, mask), record))
+            items.append(
+                Item(f"{name}.png", f"{name}_mask.png", record["seed"], size, prepare(image, mask), record)
+            )
     return items
 
 
@@ -167,8 +169,8 @@ def _run(args: argparse.Namespace) -> int:
     from .synthesis.core import (
         SynthesisError,
         atomic_write,
-        check_output,
         check_model,
+        check_output,
         claim_output,
         load_pipeline,
         run_items,
@@ -177,7 +179,10 @@ def _run(args: argparse.Namespace) -> int:
     # 1. Check everything before writing anything
     if args.num_per_image < 1 or args.batch_size < 1:
         raise SynthesisError("--num-per-image and --batch-size must be at least 1")
-    for flag, path in (("--reference-image", args.reference_image), ("--reference-mask", args.reference_mask)):
+    for flag, path in (
+        ("--reference-image", args.reference_image),
+        ("--reference-mask", args.reference_mask),
+    ):
         if path is not None and not path.is_file():
             raise SynthesisError(f"{flag} {path} does not exist")
     if args.reference_mask and not args.reference_image:

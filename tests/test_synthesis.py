@@ -15,12 +15,12 @@ import datasets
 import numpy as np
 import PIL.Image
 import pytest
+from cli_checks import assert_refused
 
 from axf_pipeline import AnomalyXFusionPipeline
 from axf_pipeline.cli import main
 from axf_pipeline.tiny import build_tiny_components, stable_diffusion_pipeline
 from mvtec_caption import export_dataset, make_sample_tree
-from cli_checks import assert_refused
 
 REPO = Path(__file__).resolve().parents[1]
 N = 2
@@ -28,7 +28,9 @@ N = 2
 
 def _env(root: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(root / "hf_home"), OMP_NUM_THREADS="1")
+    env.update(
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(root / "hf_home"), OMP_NUM_THREADS="1"
+    )
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     return env
 
@@ -97,17 +99,32 @@ def test_output_is_a_dataset_with_provenance_that_loads_in_a_fresh_process(setup
     for row in loaded["rows"]:
         assert row["is_anomaly"] and row["image_mode"] == "RGB" and row["model"] == str(setup / "model")
         # the mask in the dataset is exactly the one on disk, binary and not empty
-        on_disk = np.asarray(PIL.Image.open(reference / row["path"].replace(".png", "_mask.png").replace("/test/", "/ground_truth/")))
-        assert np.array_equal(np.asarray(row["mask"], np.uint8), on_disk) and set(np.unique(on_disk)) == {0, 255}
+        on_disk = np.asarray(
+            PIL.Image.open(
+                reference / row["path"].replace(".png", "_mask.png").replace("/test/", "/ground_truth/")
+            )
+        )
+        assert np.array_equal(np.asarray(row["mask"], np.uint8), on_disk) and set(np.unique(on_disk)) == {
+            0,
+            255,
+        }
         # no leakage: references, mask sources and captions come from the generator fold of the same type
         for key in ("reference", "mask_source"):
             assert row[key] in generator and row[key] not in evaluation
             assert generator[row[key]]["defect_type"] == row["defect_type"]
-        assert row["caption"] in {g["caption"] for g in generator.values() if g["defect_type"] == row["defect_type"]}
-        assert row["source_image"] in train_paths and row["source_image"].startswith(f"{row['category']}/train/good/")
+        assert row["caption"] in {
+            g["caption"] for g in generator.values() if g["defect_type"] == row["defect_type"]
+        }
+        assert row["source_image"] in train_paths and row["source_image"].startswith(
+            f"{row['category']}/train/good/"
+        )
         assert not row["source_image"].endswith("004.png")  # the held-out normal is never a base
     card = (reference / "README.md").read_text()
-    assert "cc-by-nc-sa-4.0" in card and str(setup / "model") in card and "| `bottle` | `broken_large` | 2 |" in card
+    assert (
+        "cc-by-nc-sa-4.0" in card
+        and str(setup / "model") in card
+        and "| `bottle` | `broken_large` | 2 |" in card
+    )
 
 
 def test_anomalies_keep_the_normal_outside_the_mask_and_change_inside(setup, reference):
@@ -128,7 +145,9 @@ def test_anomalies_keep_the_normal_outside_the_mask_and_change_inside(setup, ref
 def test_mvtec_folder_layout_and_previews(setup, reference):
     mvtec = reference / "mvtec"
     for category, types in (("bottle", ("broken_large", "contamination")), ("grid", ("bent", "broken"))):
-        assert sorted(p.name for p in (mvtec / category / "train" / "good").iterdir()) == [f"{i:03d}.png" for i in range(4)]
+        assert sorted(p.name for p in (mvtec / category / "train" / "good").iterdir()) == [
+            f"{i:03d}.png" for i in range(4)
+        ]
         assert [p.name for p in (mvtec / category / "test" / "good").iterdir()] == ["000.png"]
         assert sorted(p.name for p in (mvtec / category / "test").iterdir()) == sorted(["good", *types])
         for defect in types:
@@ -155,7 +174,9 @@ def test_rerun_resumes_skips_everything_and_changes_no_item(setup, reference, ca
 def test_kill_9_then_rerun_gives_the_same_bytes(setup, reference):
     out = setup / "out_killed"
     cmd = [sys.executable, "-m", "axf_pipeline.synthesize", *argv(setup, out)]
-    proc = subprocess.Popen(cmd, env=_env(setup), cwd=setup, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, env=_env(setup), cwd=setup, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not list(out.glob("mvtec/*/test/*/*.png")):
         time.sleep(0.05)
@@ -179,7 +200,12 @@ def test_two_processes_give_the_same_bytes(setup, reference):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "axf_pipeline.synthesize", *argv(setup, out)]  # fmt: skip
     proc = subprocess.run(
-        cmd, env={**_env(setup), "ACCELERATE_USE_CPU": "1"}, cwd=setup, capture_output=True, text=True, timeout=400
+        cmd,
+        env={**_env(setup), "ACCELERATE_USE_CPU": "1"},
+        cwd=setup,
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert item_files(out) == item_files(reference)
@@ -213,7 +239,7 @@ def test_anomalib_folder_datamodule_reads_one_category(reference):
     module = Folder(
         name="bottle", root=root, normal_dir="train/good", abnormal_dir=["test/broken_large", "test/contamination"],
         normal_test_dir="test/good", mask_dir=["ground_truth/broken_large", "ground_truth/contamination"],
-        train_batch_size=2, eval_batch_size=2, num_workers=0,
+        train_batch_size=2, eval_batch_size=2, num_workers=0, val_split_mode="same_as_test",
     )  # fmt: skip
     module.setup()
     samples = module.test_data.samples
@@ -246,7 +272,10 @@ def test_bad_inputs_are_refused_naming_the_thing(setup, tmp_path):
 
     components = build_tiny_components()
     stable_diffusion_pipeline(components).save_pretrained(tmp_path / "sd")
-    refused = lambda args, mentions: assert_refused(main, ["synthesize", *args], mentions, [tmp_path, setup / "export"])  # noqa: E731
+
+    def refused(args, mentions):
+        return assert_refused(main, ["synthesize", *args], mentions, [tmp_path, setup / "export"])
+
     refused(with_("--model", str(tmp_path / "sd")), [str(tmp_path / "sd"), "mif"])
     refused(with_("--model", str(tmp_path / "nowhere")), str(tmp_path / "nowhere"))
     refused(with_("--num-per-defect-type", "0"), "--num-per-defect-type")
@@ -254,15 +283,21 @@ def test_bad_inputs_are_refused_naming_the_thing(setup, tmp_path):
     refused([*base, "--defect-types", "dent"], ["dent", "bent, broken, broken_large, contamination"])
     refused(with_("--config", "loco"), "loco")
 
-    no_fold = _save_to_disk(setup, "no_fold", lambda d: datasets.DatasetDict({s: d[s].remove_columns("fold") for s in d}))
+    no_fold = _save_to_disk(
+        setup, "no_fold", lambda d: datasets.DatasetDict({s: d[s].remove_columns("fold") for s in d})
+    )
     refused(with_("--dataset", str(no_fold)), ["fold", "test"])
-    no_caption = _save_to_disk(setup, "no_caption", lambda d: datasets.DatasetDict({s: d[s].remove_columns("caption") for s in d}))
+    no_caption = _save_to_disk(
+        setup, "no_caption", lambda d: datasets.DatasetDict({s: d[s].remove_columns("caption") for s in d})
+    )
     refused(with_("--dataset", str(no_caption)), "caption")
 
     def drop_generator(d):
         fold = ["evaluation" if r["defect_type"] == "bent" and r["fold"] == "generator" else r["fold"]
                 for r in d["test"].select_columns(["defect_type", "fold"]).to_list()]  # fmt: skip
-        return datasets.DatasetDict({"train": d["train"], "test": d["test"].remove_columns("fold").add_column("fold", fold)})
+        return datasets.DatasetDict(
+            {"train": d["train"], "test": d["test"].remove_columns("fold").add_column("fold", fold)}
+        )
 
     no_gen = _save_to_disk(setup, "no_generator", drop_generator)
     refused(with_("--dataset", str(no_gen)), ["grid/bent", "generator"])

@@ -26,22 +26,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = _HelpFormatter
     parser.add_argument("--model", required=True, help="trained AnomalyXFusion pipeline: folder or Hub id")
     parser.add_argument(
-        "--dataset", required=True, help="MVTec Caption-style dataset: export folder, save_to_disk folder or Hub id"
+        "--dataset",
+        required=True,
+        help="MVTec Caption-style dataset: export folder, save_to_disk folder or Hub id",
     )
     parser.add_argument("--config", required=True, help="config of --dataset (ad, loco, or any other name)")
     parser.add_argument(
-        "--num-per-defect-type", type=int, required=True, metavar="N", help="anomalies to make per defect type"
+        "--num-per-defect-type",
+        type=int,
+        required=True,
+        metavar="N",
+        help="anomalies to make per defect type",
     )
-    parser.add_argument("--output", type=Path, required=True, help="output folder (new, or an earlier run to resume)")
+    parser.add_argument(
+        "--output", type=Path, required=True, help="output folder (new, or an earlier run to resume)"
+    )
     parser.add_argument("--categories", nargs="+", default=None, help="categories to use (default: all)")
     parser.add_argument("--defect-types", nargs="+", default=None, help="defect types to use (default: all)")
-    parser.add_argument("--seed", type=int, default=0, help="item k of (category, type) is seeded from (seed, category, type, k)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="item k of (category, type) is seeded from (seed, category, type, k)",
+    )
     parser.add_argument("--steps", type=int, default=50, help="denoising steps")
     parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--padding-mask-crop", type=int, default=32, help="generate a padded box around the mask (-1: the whole image)")
+    parser.add_argument(
+        "--padding-mask-crop",
+        type=int,
+        default=32,
+        help="generate a padded box around the mask (-1: the whole image)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="same-sized images per pipeline call")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    parser.add_argument("--prompt", default=None, help="one caption for every item (default: the type's generator-fold captions)")
+    parser.add_argument(
+        "--prompt",
+        default=None,
+        help="one caption for every item (default: the type's generator-fold captions)",
+    )
     parser.add_argument("--no-reference", action="store_true", help="no reference defect (texture) condition")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -106,7 +128,9 @@ def _run(args: argparse.Namespace) -> int:
     check_output(args.output, COMMAND, settings, export.expected_files(source, items, pairs))
     pipe = load_pipeline(args.model, args.dtype)
     if not args.no_reference and pipe.image_encoder is None:
-        raise SynthesisError(f"--model {args.model} has no image_encoder for reference defects; pass --no-reference")
+        raise SynthesisError(
+            f"--model {args.model} has no image_encoder for reference defects; pass --no-reference"
+        )
 
     # 2. The main process claims the folder; every process makes its share of the batches
     state = process_state()
@@ -131,7 +155,9 @@ def _run(args: argparse.Namespace) -> int:
         export.write_previews(args.output, source, items)
         export.write_card(args.output, items, settings, {"made": summary.made, "skipped": summary.skipped})
         print(summary.line(COMMAND))
-        print(f'wrote {len(items)} anomalies to {args.output}: load_dataset("{args.output}"), {args.output / "mvtec"}')
+        print(
+            f'wrote {len(items)} anomalies to {args.output}: load_dataset("{args.output}"), {args.output / "mvtec"}'
+        )
     state.wait_for_everyone()
     return 0
 

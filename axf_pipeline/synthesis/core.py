@@ -142,7 +142,9 @@ def check_model(model: str) -> None:
         try:
             index = Path(hf_hub_download(model, "model_index.json"))
         except Exception as err:  # offline, unknown repo, no access: say which model
-            raise SynthesisError(f"--model {model}: cannot fetch its model_index.json ({type(err).__name__})") from None
+            raise SynthesisError(
+                f"--model {model}: cannot fetch its model_index.json ({type(err).__name__})"
+            ) from None
     try:
         components = json.loads(index.read_text())
     except ValueError:
@@ -312,5 +314,7 @@ def run_items(
             skipped += len(todo) - sum(todo)
             bar.update(len(batch))
     seconds = time.perf_counter() - start
-    counts = gather_object([(made, skipped, seconds)]) if state.num_processes > 1 else [(made, skipped, seconds)]
+    counts = (
+        gather_object([(made, skipped, seconds)]) if state.num_processes > 1 else [(made, skipped, seconds)]
+    )
     return Summary(sum(c[0] for c in counts), sum(c[1] for c in counts), max(c[2] for c in counts))

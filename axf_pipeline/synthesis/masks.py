@@ -168,8 +168,16 @@ class MaskSampler:
         side = 2 * half + 1
         # 2. elastic displacement: random control points, linearly interpolated (smooth, mild)
         weights = _linear_weights(side, _ELASTIC_GRID)
-        dy = weights @ rng.uniform(-slack, slack, (_ELASTIC_GRID, _ELASTIC_GRID)).astype(np.float32) @ weights.T
-        dx = weights @ rng.uniform(-slack, slack, (_ELASTIC_GRID, _ELASTIC_GRID)).astype(np.float32) @ weights.T
+        dy = (
+            weights
+            @ rng.uniform(-slack, slack, (_ELASTIC_GRID, _ELASTIC_GRID)).astype(np.float32)
+            @ weights.T
+        )
+        dx = (
+            weights
+            @ rng.uniform(-slack, slack, (_ELASTIC_GRID, _ELASTIC_GRID)).astype(np.float32)
+            @ weights.T
+        )
         # 3. inverse map each output pixel to the crop: undo elastic, rotation, flip and scale
         grid = np.arange(side, dtype=np.float32) - half
         oy, ox = grid[:, None] + dy, grid[None, :] + dx

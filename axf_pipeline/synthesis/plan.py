@@ -111,7 +111,9 @@ def plan_items(
     return items
 
 
-def _preparer(source: SourceData, sampler: MaskSampler, base: int, mask_source: int, reference_row, caption, s):
+def _preparer(
+    source: SourceData, sampler: MaskSampler, base: int, mask_source: int, reference_row, caption, s
+):
     def prepare() -> Prepared:
         image = source.normal(base)
         pixels = np.asarray(image)
