@@ -253,7 +253,8 @@ def claim_output(output: Path, command: str, settings: dict) -> None:
 
 
 # ------------------------------------------------------------------ running
-def _call(pipe, prepared: list[Prepared], items: list[Item], call_kwargs: dict):
+def call_pipeline(pipe, prepared: list[Prepared], items: list[Item], call_kwargs: dict):
+    """One pipeline call for a batch: lists of images, masks, prompts, references, one generator per item."""
     import torch
 
     references = [p.reference for p in prepared]
@@ -304,7 +305,7 @@ def run_items(
             todo = [not is_finished(output, item) for item in chosen]
             if any(todo):
                 prepared = [item.prepare() for item in chosen]
-                images = _call(pipe, prepared, chosen, call_kwargs)
+                images = call_pipeline(pipe, prepared, chosen, call_kwargs)
                 for item, inputs, image, needed in zip(chosen, prepared, images, todo, strict=True):
                     if needed:
                         # the mask first: an image on disk means its mask is there too

@@ -24,6 +24,7 @@ function of (real masks, normal image, seed).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -71,6 +72,7 @@ def _crop(mask: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
     return mask[y0:y1, x0:x1], ((y0 + y1) / 2, (x0 + x1) / 2)
 
 
+@functools.lru_cache(maxsize=512)
 def _linear_weights(n_out: int, n_in: int) -> np.ndarray:
     """(n_out, n_in) linear interpolation from ``n_in`` evenly spaced control points."""
     pos = np.linspace(0, n_in - 1, n_out)
@@ -108,6 +110,7 @@ class MaskSampler:
             if m.ndim != 2 or not m.any():
                 raise ValueError(f"real mask {i} is empty or not single-channel (shape {m.shape})")
         self.crops = [_crop(m) for m in self.masks]
+        self.padded = [np.pad(c, 1).ravel() for c, _ in self.crops]  # flat, zero border: see _draw
         areas = [m.mean() for m in self.masks]
         self.area_range = (min(areas) / (1 + area_margin), max(areas) * (1 + area_margin))
         self.texture = texture
@@ -156,9 +159,9 @@ class MaskSampler:
         crop, _ = self.crops[source]
         src_h, src_w = self.masks[source].shape
         resize = np.sqrt((h * w) / (src_h * src_w))  # canvas / real image, keeping area fractions
-        scale = rng.uniform(*SCALE_RANGE) * resize
+        scale = float(rng.uniform(*SCALE_RANGE) * resize)
         angle = rng.uniform(0, 2 * np.pi)
-        flip_y, flip_x = rng.integers(0, 2, size=2) * 2 - 1
+        flip_y, flip_x = (int(f) * 2 - 1 for f in rng.integers(0, 2, size=2))
         # 1. output crop big enough for any rotation of the scaled box, plus the elastic slack
         ch, cw = crop.shape
         radius = 0.5 * np.hypot(ch, cw) * scale
@@ -178,16 +181,16 @@ class MaskSampler:
             @ rng.uniform(-slack, slack, (_ELASTIC_GRID, _ELASTIC_GRID)).astype(np.float32)
             @ weights.T
         )
-        # 3. inverse map each output pixel to the crop: undo elastic, rotation, flip and scale
+        # 3. inverse map each output pixel to the crop: undo elastic, rotation, flip and scale; the crop has
+        #    a zero border, so every coordinate outside it (clipped) reads "no defect"
         grid = np.arange(side, dtype=np.float32) - half
         oy, ox = grid[:, None] + dy, grid[None, :] + dx
-        cos, sin = np.cos(angle), np.sin(angle)
-        sy = (cos * oy - sin * ox) / scale * flip_y + ch / 2
-        sx = (sin * oy + cos * ox) / scale * flip_x + cw / 2
-        iy, ix = np.floor(sy).astype(np.intp), np.floor(sx).astype(np.intp)
-        inside = (iy >= 0) & (iy < ch) & (ix >= 0) & (ix < cw)
-        shape = np.zeros((side, side), dtype=bool)
-        shape[inside] = crop[iy[inside], ix[inside]]
+        cos, sin = float(np.cos(angle)) / scale, float(np.sin(angle)) / scale
+        sy = (cos * flip_y) * oy - (sin * flip_y) * ox + (ch / 2 + 1)
+        sx = (sin * flip_x) * oy + (cos * flip_x) * ox + (cw / 2 + 1)
+        iy = np.clip(sy.astype(np.intp), 0, ch + 1)
+        ix = np.clip(sx.astype(np.intp), 0, cw + 1)
+        shape = self.padded[source].take(iy * (cw + 2) + ix)
         total = int(shape.sum())
         if total == 0:
             return None
