@@ -24,7 +24,7 @@ from .plan import digits
 from .source import SourceData
 
 CARD_TEMPLATE = Path(__file__).resolve().parents[2] / "cards" / "synthetic_dataset_card.md"
-ROWS_PER_SHARD = 1000
+ROWS_PER_SHARD = 250  # rows of embedded images per Parquet file: bounded memory while writing
 PREVIEW_ROWS = 4
 PREVIEW_HEIGHT = 128
 
