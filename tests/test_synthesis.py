@@ -333,3 +333,14 @@ def test_help_lists_every_flag_with_its_default(capsys):
         assert flag in text
     assert "denoising steps (default: 50)" in text and "pipeline call (default: 8)" in text
     assert "accelerate launch -m axf_pipeline.synthesize" in text
+
+
+def test_an_item_depends_on_its_own_seed_not_on_what_else_is_made(setup, reference, tmp_path):
+    out = tmp_path / "grid_only"
+    assert main(["synthesize", *argv(setup, out, "--categories", "grid")]) == 0
+    grid = {k: v for k, v in item_files(reference).items() if k.startswith("mvtec/grid/")}
+    assert item_files(out) == grid
+    other = tmp_path / "seed_1"
+    assert main(["synthesize", *argv(setup, other, "--categories", "grid", "--seed", "1")]) == 0
+    changed = [k for k, v in item_files(other).items() if v != grid[k]]
+    assert len(changed) == len(grid)

@@ -109,3 +109,20 @@ def test_generate_refuses_a_folder_of_someone_elses_files(model, tmp_path):
     out.mkdir()
     (out / "metadata.jsonl").write_text('{"file_name": "theirs.png"}\n')
     assert_refused(main, _argv(model, images, masks, out), [str(out), "metadata.jsonl"], [out])
+
+
+def test_same_sized_images_share_one_pipeline_call(model, tmp_path, monkeypatch):
+    from axf_pipeline.synthesis import core
+
+    calls = []
+    original = core.call_pipeline
+
+    def counting(pipe, prepared, items, kwargs):
+        calls.append(sorted({p.image.size for p in prepared}) + [len(prepared)])
+        return original(pipe, prepared, items, kwargs)
+
+    monkeypatch.setattr(core, "call_pipeline", counting)
+    images, masks = _inputs(tmp_path, n=3, sizes={1: (40, 24)})
+    assert main(_argv(model, images, masks, tmp_path / "out")) == 0
+    # 000 and 002 are 32x32 (4 samples: batches of 3 + 1), 001 is 40x24 (2 samples: one batch)
+    assert calls == [[(32, 32), 3], [(40, 24), 2], [(32, 32), 1]]
