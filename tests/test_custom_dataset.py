@@ -233,7 +233,7 @@ def test_evaluation_runs_on_a_custom_build(export, tmp_path):
             "--real", str(export["output"]), "--real-config", "mine",
             "--generated", f"real-generator-fold={export['output']}", "--generated-config", "mine",
             "--output", str(out), "--metrics", "localization",
-            "--resolution", "32", "--classifier-resolution", "32", "--epochs", "1", "--classifier-epochs", "1",
+            "--resolution", "32", "--classifier-resolution", "64", "--epochs", "1", "--classifier-epochs", "1",
             "--unet-channels", "4", "--unet-depth", "2", "--random-backbones", "--no-progress",
             "--batch-size", "3",  # 9 and 6 anomalies: no batch of one (BatchNorm refuses it)
         ]
