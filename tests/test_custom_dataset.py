@@ -271,3 +271,22 @@ def test_archive_with_a_top_folder_and_a_validation_split(tmp_path):
     assert sorted(ds) == ["test", "train", "validation"]
     assert ds["validation"].num_rows == 4 and not any(ds["validation"]["is_anomaly"])
     assert ds["test"][0]["path"] == "flange_plate/test/good/flange_plate_1.jpg"
+
+
+def test_synthesis_runs_on_a_custom_build(export):
+    from axf_pipeline import AnomalyXFusionPipeline
+    from axf_pipeline.cli import main as axf_main
+    from axf_pipeline.tiny import build_tiny_components
+
+    root = export["root"]
+    AnomalyXFusionPipeline(**build_tiny_components()).save_pretrained(root / "synth_model")
+    out = root / "synthetic"
+    argv = [
+        "synthesize", "--model", str(root / "synth_model"), "--dataset", str(export["output"]),
+        "--config", "mine", "--num-per-defect-type", "1", "--output", str(out), "--steps", "1",
+        "--guidance-scale", "1", "--batch-size", "2", "--no-progress",
+    ]  # fmt: skip
+    assert axf_main(argv) == 0
+    made = sorted(p.relative_to(out / "mvtec").as_posix() for p in (out / "mvtec").glob("*/test/*/*.png"))
+    expected = {(c, d) for c, defects in CUSTOM_CATEGORIES.items() for d in defects}
+    assert {(p.split("/")[0], p.split("/")[2]) for p in made if "/test/good/" not in p} == expected
