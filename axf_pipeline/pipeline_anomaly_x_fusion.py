@@ -216,7 +216,7 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
                 base,
                 subfolder="vae",
                 use_safetensors=True,
-                torch_dtype=torch_dtype,
+                dtype=torch_dtype,
                 variant=variant,
                 **common,
             )
@@ -224,7 +224,7 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
                 base,
                 subfolder="unet",
                 use_safetensors=True,
-                torch_dtype=torch_dtype,
+                dtype=torch_dtype,
                 variant=variant,
                 **common,
             )

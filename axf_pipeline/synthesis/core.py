@@ -171,7 +171,7 @@ def load_pipeline(model: str, dtype: str = "float32", device: str | None = None,
 
     from ..pipeline_anomaly_x_fusion import AnomalyXFusionPipeline
 
-    pipe = AnomalyXFusionPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype))
+    pipe = AnomalyXFusionPipeline.from_pretrained(model, dtype=getattr(torch, dtype))
     pipe = pipe.to(device or process_state().device)
     if lora:
         pipe.load_lora_weights(lora)
