@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output", type=Path, required=True, help="output folder (new, or an earlier run to resume)"
     )
-    parser.add_argument("--categories", nargs="+", default=None, help="categories to use (default: all)")
-    parser.add_argument("--defect-types", nargs="+", default=None, help="defect types to use (default: all)")
+    parser.add_argument("--categories", nargs="+", default=None, help="categories to use; None: all")
+    parser.add_argument("--defect-types", nargs="+", default=None, help="defect types to use; None: all")
     parser.add_argument(
         "--seed",
         type=int,
@@ -50,19 +50,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="item k of (category, type) is seeded from (seed, category, type, k)",
     )
     parser.add_argument("--steps", type=int, default=50, help="denoising steps")
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument(
+        "--guidance-scale", type=float, default=7.5, help="classifier-free guidance (<= 1: none)"
+    )
     parser.add_argument(
         "--padding-mask-crop",
         type=int,
         default=32,
-        help="generate a padded box around the mask (-1: the whole image)",
+        help="generate a padded box around the mask; -1: the pipeline's default, the training crop window",
     )
     parser.add_argument("--batch-size", type=int, default=8, help="same-sized images per pipeline call")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="weights and compute"
+    )
     parser.add_argument(
         "--prompt",
         default=None,
-        help="one caption for every item (default: the type's generator-fold captions)",
+        help="one caption for every item; None: the type's generator-fold captions",
     )
     parser.add_argument("--no-reference", action="store_true", help="no reference defect (texture) condition")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
