@@ -13,6 +13,10 @@ SUBCOMMANDS = {
         "axf_pipeline.generate",
         "batch anomaly synthesis: folders of images + masks -> images + masks",
     ),
+    "synthesize": (
+        "axf_pipeline.synthesis.cli",
+        "N new labelled anomalies per defect type from a dataset's generator fold (dataset + MVTec folder)",
+    ),
 }
 
 

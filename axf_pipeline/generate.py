@@ -1,21 +1,28 @@
 """`axf generate`: batch anomaly synthesis from folders of normal images and masks.
 
 Each image is paired with the mask of the same file stem (``000.png`` ↔ ``000.png`` or ``000_mask.png``);
-a missing or extra mask is an error naming the file. For every pair and every sample the command
-writes ``<stem>_<k>.png`` (the image) and ``<stem>_<k>_mask.png`` (the mask it was made with) to the
-output folder, plus one line per sample in ``metadata.jsonl``.
+a missing or extra mask, an unreadable file or a mask of another size is an error naming the file. For
+every pair and every sample the command writes ``<stem>_<k>.png`` (the image) and ``<stem>_<k>_mask.png``
+(the binary mask it was made with) to the output folder, plus one line per sample in ``metadata.jsonl``.
+
+A thin front-end over :mod:`axf_pipeline.synthesis.core` (the engine of ``axf synthesize`` too): every
+input is checked before anything is written; each file is written atomically; a rerun with the same
+settings resumes (finished samples are skipped), while a rerun with other settings or other inputs into
+the same folder is refused, so the folder never mixes two runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+COMMAND = "axf generate"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument(
         "--model", required=True, help="trained pipeline: Hub id or folder (save_pretrained layout)"
     )
@@ -43,9 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int, default=0, help="sample k of image i uses seed + i * num_per_image + k"
     )
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--device", default=None, help="default: accelerate's device (cuda if available)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     parser.add_argument("--lora", default=None, help="UNet LoRA weights (folder or Hub id) to load")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _files(path: Path, what: str) -> list[Path]:
@@ -80,60 +88,125 @@ def pair_images_and_masks(images: Path, masks: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def run(args: argparse.Namespace) -> int:
-    import PIL.Image
-    import torch
-    from tqdm.auto import tqdm
+def _check_pairs(pairs: list[tuple[Path, Path]]) -> list[tuple[int, int]]:
+    """Every file readable and every mask the size of its image; returns the sizes (no pixels decoded)."""
+    from .synthesis.core import SynthesisError, image_size
 
-    from .pipeline_anomaly_x_fusion import AnomalyXFusionPipeline
-
-    if args.num_per_image < 1 or args.batch_size < 1:
-        raise ValueError("--num-per-image and --batch-size must be at least 1")
-    pairs = pair_images_and_masks(args.images, args.masks)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype)
-    pipe = AnomalyXFusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
-    if args.lora:
-        pipe.load_lora_weights(args.lora)
-    pipe.set_progress_bar_config(disable=True)
-    reference = PIL.Image.open(args.reference_image) if args.reference_image else None
-    reference_mask = PIL.Image.open(args.reference_mask) if args.reference_mask else None
-
-    args.output.mkdir(parents=True, exist_ok=True)
-    n = args.num_per_image
-    with open(args.output / "metadata.jsonl", "w") as meta:
-        for start in tqdm(range(0, len(pairs), args.batch_size), desc="axf generate", unit="batch"):
-            chunk = pairs[start : start + args.batch_size]
-            seeds = [args.seed + (start + i) * n + k for i in range(len(chunk)) for k in range(n)]
-            out = pipe(
-                prompt=args.prompt,
-                image=[PIL.Image.open(img) for img, _ in chunk],
-                mask_image=[PIL.Image.open(msk) for _, msk in chunk],
-                reference_image=reference,
-                reference_mask=reference_mask,
-                negative_prompt=args.negative_prompt,
-                num_images_per_prompt=n,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance_scale,
-                strength=args.strength,
-                height=args.height,
-                width=args.width,
-                padding_mask_crop=args.padding_mask_crop,
-                generator=[torch.Generator(device="cpu").manual_seed(s) for s in seeds],
+    sizes = []
+    for image, mask in pairs:
+        size, mask_size = image_size(image), image_size(mask)
+        if size != mask_size:
+            raise SynthesisError(
+                f"mask {mask} is {mask_size[0]}x{mask_size[1]} but its image {image} is {size[0]}x{size[1]}"
             )
-            for j, (image, mask) in enumerate(zip(out.images, out.masks, strict=True)):
-                src_image, src_mask = chunk[j // n]
-                name = f"{src_image.stem}_{j % n}"
-                image.save(args.output / f"{name}.png")
-                mask.save(args.output / f"{name}_mask.png")
-                record = {
-                    "file_name": f"{name}.png",
-                    "mask": f"{name}_mask.png",
-                    "prompt": args.prompt,
-                    "source_image": str(src_image),
-                    "source_mask": str(src_mask),
-                    "seed": seeds[j],
-                }
-                meta.write(json.dumps(record) + "\n")
-    print(f"wrote {len(pairs) * n} images and masks to {args.output}")
+        sizes.append(size)
+    return sizes
+
+
+def _items(args: argparse.Namespace, pairs, sizes):
+    import numpy as np
+    import PIL.Image
+
+    from mvtec_caption.masks import binarize
+
+    from .synthesis.core import Item, Prepared
+
+    reference = reference_mask = None
+    if args.reference_image:
+        reference = PIL.Image.open(args.reference_image).convert("RGB")
+        if args.reference_mask:
+            reference_mask = PIL.Image.open(args.reference_mask).convert("L")
+
+    def prepare(image: Path, mask: Path):
+        def load() -> Prepared:
+            binary = binarize(np.asarray(PIL.Image.open(mask).convert("L")))
+            return Prepared(
+                PIL.Image.open(image).convert("RGB"), PIL.Image.fromarray(binary, mode="L"),
+                args.prompt, reference, reference_mask,
+            )  # fmt: skip
+
+        return load
+
+    n, items = args.num_per_image, []
+    for i, ((image, mask), size) in enumerate(zip(pairs, sizes, strict=True)):
+        for k in range(n):
+            name = f"{image.stem}_{k}"
+            record = {
+                "file_name": f"{name}.png",
+                "mask": f"{name}_mask.png",
+                "prompt": args.prompt,
+                "source_image": str(image),
+                "source_mask": str(mask),
+                "seed": args.seed + i * n + k,
+            }
+            items.append(
+                Item(f"{name}.png", f"{name}_mask.png", record["seed"], size, prepare(image, mask), record)
+            )
+    return items
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    keys = ("model", "prompt", "negative_prompt", "reference_image", "reference_mask", "num_per_image",
+            "steps", "guidance_scale", "strength", "height", "width", "padding_mask_crop", "batch_size",
+            "seed", "dtype", "lora")  # fmt: skip
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in ((k, getattr(args, k)) for k in keys)}
+
+
+def run(args: argparse.Namespace) -> int:
+    from .synthesis.core import SynthesisError
+
+    try:
+        return _run(args)
+    except (SynthesisError, FileNotFoundError, ValueError, OSError) as err:
+        message = " ".join(str(err).split())
+        print(f"{COMMAND}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import json
+
+    from .synthesis.core import (
+        SynthesisError,
+        atomic_write,
+        check_model,
+        check_output,
+        claim_output,
+        load_pipeline,
+        run_items,
+    )
+
+    # 1. Check everything before writing anything
+    if args.num_per_image < 1 or args.batch_size < 1:
+        raise SynthesisError("--num-per-image and --batch-size must be at least 1")
+    for flag, path in (
+        ("--reference-image", args.reference_image),
+        ("--reference-mask", args.reference_mask),
+    ):
+        if path is not None and not path.is_file():
+            raise SynthesisError(f"{flag} {path} does not exist")
+    if args.reference_mask and not args.reference_image:
+        raise SynthesisError("--reference-mask needs --reference-image")
+    pairs = pair_images_and_masks(args.images, args.masks)
+    sizes = _check_pairs(pairs)
+    check_model(args.model)
+    items = _items(args, pairs, sizes)
+    settings = _settings(args) | {"inputs": [[str(i), str(m)] for i, m in pairs]}
+    expected = {"metadata.jsonl"} | {p for item in items for p in (item.image_path, item.mask_path)}
+    check_output(args.output, COMMAND, settings, expected)
+    pipe = load_pipeline(args.model, args.dtype, args.device, args.lora)
+
+    # 2. Claim the folder, make what is missing, then the metadata of every sample
+    claim_output(args.output, COMMAND, settings)
+    summary = run_items(
+        pipe, items, args.output, args.batch_size,
+        dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+             guidance_scale=args.guidance_scale, strength=args.strength, height=args.height,
+             width=args.width, padding_mask_crop=args.padding_mask_crop),
+        desc=COMMAND, progress=not args.no_progress,
+    )  # fmt: skip
+    text = "".join(json.dumps(item.record) + "\n" for item in items)
+    atomic_write(args.output / "metadata.jsonl", lambda tmp: tmp.write_text(text))
+    print(summary.line(COMMAND))
+    print(f"wrote {len(items)} images and masks to {args.output}")
     return 0

@@ -1,0 +1,176 @@
+"""The outputs of `axf synthesize` besides the item files: the Parquet dataset and its card, the normals of
+the MVTec-layout folder, and the previews. Written by the main process once every shard is done.
+
+    OUT/README.md                                  card (cards/synthetic_dataset_card.md)
+    OUT/data/train-00000-of-00001.parquet          one row per synthetic anomaly, image bytes embedded
+    OUT/mvtec/<category>/train/good/NNN.png        the train normals used as bases
+    OUT/mvtec/<category>/test/good/NNN.png         held-out train normals (last floor(n/5)); none if n < 5
+    OUT/mvtec/<category>/test/<defect>/NNN.png     the synthetic anomalies (the core writes these)
+    OUT/mvtec/<category>/ground_truth/<defect>/NNN_mask.png
+    OUT/previews/<category>/<defect>.png           normal | mask | generated, a few rows
+"""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import PIL.Image
+
+from .core import Item, atomic_write, save_png
+from .plan import digits
+from .source import SourceData
+
+CARD_TEMPLATE = Path(__file__).resolve().parents[2] / "cards" / "synthetic_dataset_card.md"
+ROWS_PER_SHARD = 250  # rows of embedded images per Parquet file: bounded memory while writing
+PREVIEW_ROWS = 4
+PREVIEW_HEIGHT = 128
+
+
+def features():
+    import datasets
+
+    return datasets.Features(
+        {
+            "image": datasets.Image(mode="RGB"),
+            "mask": datasets.Image(mode="L"),
+            "caption": datasets.Value("string"),
+            "category": datasets.Value("string"),
+            "defect_type": datasets.Value("string"),
+            "is_anomaly": datasets.Value("bool"),
+            "path": datasets.Value("string"),
+            "source_image": datasets.Value("string"),
+            "reference": datasets.Value("string"),
+            "mask_source": datasets.Value("string"),
+            "seed": datasets.Value("int64"),
+            "model": datasets.Value("string"),
+        }
+    )
+
+
+def shard_names(n_rows: int) -> list[str]:
+    n = max(1, -(-n_rows // ROWS_PER_SHARD))
+    return [f"data/train-{i:05d}-of-{n:05d}.parquet" for i in range(n)]
+
+
+def normal_files(source: SourceData, categories: Sequence[str]) -> dict[str, int]:
+    """{relative path in OUT: train row} for train/good (bases) and test/good (held out)."""
+    files = {}
+    for category in categories:
+        bases, held = source.bases_and_held_out(category)
+        for folder, rows in (("train/good", bases), ("test/good", held)):
+            width = digits(len(rows))
+            for i, row in enumerate(rows):
+                files[f"mvtec/{category}/{folder}/{i:0{width}d}.png"] = row
+    return files
+
+
+def expected_files(source: SourceData, items: Sequence[Item], pairs) -> set[str]:
+    """Every file `axf synthesize` writes for this plan (what a resumable output folder may hold)."""
+    files = {"README.md", *shard_names(len(items))}
+    files |= {p for item in items for p in (item.image_path, item.mask_path)}
+    files |= set(normal_files(source, sorted({c for c, _ in pairs})))
+    files |= {f"previews/{c}/{d}.png" for c, d in pairs}
+    return files
+
+
+def write_normals(output: Path, source: SourceData, categories: Sequence[str]) -> None:
+    for rel, row in normal_files(source, categories).items():
+        path = output / rel
+        if path.is_file():
+            continue
+        data = source.normal_bytes(row)
+        if data[:8] == b"\x89PNG\r\n\x1a\n":
+            atomic_write(path, lambda tmp, data=data: tmp.write_bytes(data))
+        else:
+            save_png(PIL.Image.open(io.BytesIO(data)), path)
+
+
+def write_parquet(output: Path, items: Sequence[Item]) -> list[str]:
+    import datasets
+
+    names = shard_names(len(items))
+    for i, name in enumerate(names):
+        chunk = items[i * ROWS_PER_SHARD : (i + 1) * ROWS_PER_SHARD]
+        rows = defaultdict(list)
+        for item in chunk:
+            rows["image"].append({"bytes": (output / item.image_path).read_bytes(), "path": item.image_path})
+            rows["mask"].append({"bytes": (output / item.mask_path).read_bytes(), "path": item.mask_path})
+            rows["path"].append(item.image_path)
+            for key, value in item.record.items():
+                rows[key].append(value)
+        table = datasets.Dataset.from_dict(dict(rows), features=features())
+        atomic_write(output / name, lambda tmp, table=table: table.to_parquet(str(tmp)))
+    return names
+
+
+def source_license(dataset: str) -> str:
+    """The licence in the source dataset's card (a local folder's README.md, or the Hub card)."""
+    from huggingface_hub import DatasetCard
+
+    readme = Path(dataset) / "README.md"
+    try:
+        card = DatasetCard.load(readme) if readme.is_file() else DatasetCard.load(dataset)
+        return str(card.data.get("license") or "unknown (the source card names none)")
+    except Exception:  # offline or no card: say so rather than guess
+        return "unknown (the source card could not be read)"
+
+
+def write_card(output: Path, items: Sequence[Item], settings: dict, summary_counts: dict) -> None:
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    license_name = source_license(settings["dataset"])
+    card_data = DatasetCardData(
+        license=license_name if " " not in license_name else "other",
+        pretty_name="Synthetic anomalies (AnomalyXFusion)",
+        task_categories=["image-segmentation", "image-classification"],
+        tags=["anomaly-detection", "synthetic", "anomalyxfusion", "mvtec"],
+        size_categories=["n<1K" if len(items) < 1000 else "1K<n<10K" if len(items) < 10000 else "10K<n<100K"],
+        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}],
+    )
+    counts = defaultdict(int)
+    for item in items:
+        counts[(item.record["category"], item.record["defect_type"])] += 1
+    card = DatasetCard.from_template(
+        card_data,
+        template_path=str(CARD_TEMPLATE),
+        settings=settings,
+        license_name=license_name,
+        counts=[(c, d, n) for (c, d), n in sorted(counts.items())],
+        total=len(items),
+        output_name=output.name,
+        summary=summary_counts,
+    )
+    text = str(card)
+    atomic_write(output / "README.md", lambda tmp: tmp.write_text(text))
+
+
+def _tile(image: PIL.Image.Image) -> PIL.Image.Image:
+    width = max(1, round(image.width * PREVIEW_HEIGHT / image.height))
+    return image.convert("RGB").resize((width, PREVIEW_HEIGHT), PIL.Image.NEAREST)
+
+
+def write_previews(output: Path, source: SourceData, items: Sequence[Item]) -> None:
+    """previews/<category>/<defect>.png: up to PREVIEW_ROWS rows of normal | mask | generated."""
+    groups = defaultdict(list)
+    for item in items:
+        groups[(item.record["category"], item.record["defect_type"])].append(item)
+    for (category, defect), group in groups.items():
+        rows = []
+        for item in group[:PREVIEW_ROWS]:
+            tiles = [
+                _tile(source.normal(item.context["base"])),
+                _tile(PIL.Image.open(output / item.mask_path)),
+                _tile(PIL.Image.open(output / item.image_path)),
+            ]
+            rows.append(tiles)
+        width = max(sum(t.width for t in row) for row in rows)
+        sheet = PIL.Image.new("RGB", (width, PREVIEW_HEIGHT * len(rows)), "white")
+        for r, row in enumerate(rows):
+            x = 0
+            for tile in row:
+                sheet.paste(tile, (x, r * PREVIEW_HEIGHT))
+                x += tile.width
+        save_png(sheet, output / "previews" / category / f"{defect}.png")
