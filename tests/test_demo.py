@@ -62,7 +62,8 @@ def test_fast_demo_runs_the_chain_and_writes_grid_metrics_and_table(tmp_path):
 
     out = tmp_path / "demo"
     argv = ["--output_dir", str(out), "--vae_steps", "2", "--train_steps", "2", "--anomalies_per_type", "3",
-            "--held_out_normals", "2", "--inference_steps", "2", "--synthesis_batch", "8"]  # fmt: skip
+            "--held_out_normals", "2", "--inference_steps", "2", "--synthesis_batch", "8",
+            "--downstream_per_type", "2", "--detector_epochs", "1"]  # fmt: skip
     assert main(argv) == 0
 
     report = json.loads((out / "metrics.json").read_text())
@@ -76,7 +77,31 @@ def test_fast_demo_runs_the_chain_and_writes_grid_metrics_and_table(tmp_path):
     assert result["ic_lpips_random_backbone"]["real_score"] is False
     grid = Image.open(result["grid"])
     assert grid.width > grid.height / len(COLOURS) and grid.height > 0
-    assert "text controllability" in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    assert "text controllability" in table
+
+    # Downstream: three detectors with the same budget, exact finite metrics, written as table and pictures.
+    from axf_pipeline.demo.downstream import ROWS
+
+    downstream = result["downstream"]
+    assert list(downstream["detectors"]) == list(ROWS)
+    n_types = len(COLOURS) * len(SHAPES)
+    for name, row in downstream["detectors"].items():
+        assert row["n_anomalies"] == 2 * n_types, name
+        for key in ("pixel_auroc", "pixel_ap", "pixel_f1_max", "image_auroc", "image_ap"):
+            assert 0.0 <= row[key] <= 1.0, (name, key, row[key])
+        # the test set: the evaluation fold (2 of 3 per type) + 4 good test images + 2 held-out normals
+        assert (row["n_images"], row["n_anomalous_images"]) == (2 * n_types + 6, 2 * n_types), name
+    for name in ROWS:
+        assert sum(line.startswith(f"| {name} (") for line in table.splitlines()) == 1, name
+    assert "pixel AP" in table and "| generator training |" in table and "| total |" in table
+    synthesized = sorted((out / "downstream").rglob("synthesized/mvtec/tile/test/*/*.png"))
+    assert len(synthesized) == 2 * n_types
+    assert all(p.with_name(p.stem + "_mask.png").parent.parent.parent.joinpath(
+        "ground_truth", p.parent.name, p.stem + "_mask.png").is_file() for p in synthesized)  # fmt: skip
+    assert Image.open(downstream["pr_curves"]).width > 0
+    maps = Image.open(downstream["maps"])
+    assert maps.width == 5 * maps.height // (n_types + 3)  # image | truth | 3 maps; title row + types + 2 normals
     # the dataset went through the builder and export; the model through train.py's code
     assert (out / "mvtec_caption" / "README.md").is_file()
     pipe = AnomalyXFusionPipeline.from_pretrained(result["pipeline"])

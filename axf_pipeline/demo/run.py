@@ -7,9 +7,12 @@
 4. synthesise on held-out normal images one defect per caption and mask, with a reference defect whose
    colour and shape both differ from the caption's, so only the text can carry them;
 5. measure text controllability from the pixels inside the mask, the change outside it, IC-LPIPS;
-6. write a picture grid, the metrics as JSON, and a summary.
+6. downstream (the paper's protocol, :mod:`.downstream`): ``axf synthesize``'s core makes N anomalies per
+   defect type; a DRAEM-style detector trained on them is compared with one trained on Perlin anomalies
+   and one trained on the real generator fold, on the held-out evaluation fold;
+7. write picture grids, the metrics as JSON, the tables with the wall time per stage.
 
-``--ablation`` repeats 3–5 for the switches of paper table 6 and writes one table.
+``--ablation`` repeats 3–6 for the switches of paper table 6 and writes one table.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from . import downstream as ds
 from .measure import outside_mask_change, read_defect
 from .toy_data import CATEGORY, COLOURS, SHAPES, caption_for, make_toy_tree, square_mask, vocabulary
 
@@ -39,6 +43,11 @@ ABLATIONS = {
 
 
 _START = time.perf_counter()
+TIMINGS: dict[str, float] = {}  # stage -> wall seconds (summed over models with --ablation)
+
+
+def timed(stage: str, started: float) -> None:
+    TIMINGS[stage] = TIMINGS.get(stage, 0.0) + time.perf_counter() - started
 
 
 def log(message: str) -> None:
@@ -113,11 +122,16 @@ def train_model(
         "--validation_steps", "0",
         "--report_to", "tensorboard",
         "--crop_jitter", "0",
+        "--cache_latents",  # crop_jitter 0: each image has two fixed crops (flipped or not)
+        *(["--use_ema", "--ema_decay", str(args.ema_decay)] if args.ema_decay > 0 else []),
+        *(["--snr_gamma", str(args.snr_gamma)] if args.snr_gamma > 0 else []),
+        "--noise_offset", str(args.noise_offset),
         "--seed", str(args.seed),
         *flags,
     ]  # fmt: skip
     started = time.perf_counter()
     train(parse_args(argv))
+    timed("generator training", started)
     log(f"trained '{name}' for {args.train_steps} steps in {time.perf_counter() - started:.0f} s -> {out}")
     return out
 
@@ -251,28 +265,73 @@ def run_one(name: str, flags: list[str], work: Path, base, encoder, export, toy,
 
     out = train_model(work, name, flags, base, encoder, export, args)
     pipe = AnomalyXFusionPipeline.from_pretrained(out)
+    started = time.perf_counter()
     jobs = synthesis_jobs(toy, dataset, args.size, args.seed)
     synthesise(pipe, jobs, args.inference_steps, args.guidance_scale, args.synthesis_batch, args.seed)
     metrics = {"model": name, **measure(jobs)}
     metrics["grid"] = str(write_grid(jobs, work / "grids" / f"{out.name}.png"))
     metrics["pipeline"] = str(out)
-    return metrics, jobs
+    timed("controllability synthesis + measure", started)
+    return metrics, jobs, pipe, out.name
 
 
-def write_report(work: Path, results: list[dict], started: float, args) -> list[str]:
-    """metrics.json and the Markdown table results.md; returns the table's lines."""
-    report = {"results": results, "seconds": round(time.perf_counter() - started, 1), "settings": vars(args)}
-    (work / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
+def run_downstream(pipe, run_name: str, work: Path, export, toy, args, baselines) -> dict:
+    """The downstream rows of one generator; writes its table, PR curves and map picture."""
+    budget = ds.DetectorBudget(
+        per_defect_type=args.downstream_per_type, epochs=args.detector_epochs, seed=args.seed
+    )
+    out = work / "downstream" / run_name
+    if (out / "synthesized").exists():  # the demo's own output of a previous run: anomalies of another model
+        shutil.rmtree(out / "synthesized")
+    rows, timings = ds.run_downstream(pipe, export, toy, out, args, budget, baselines)
+    for stage, seconds in timings.items():
+        TIMINGS[stage] = TIMINGS.get(stage, 0.0) + seconds
+    rows["_pr_curves"] = str(ds.write_pr_curves(rows, out / "pr_curves.png"))
+    rows["_maps"] = str(ds.write_maps_picture(rows, out / "maps.png"))
+    return rows
+
+
+def downstream_summary(rows: dict) -> dict:
+    out = {
+        name: {"n_anomalies": rows[name]["n_anomalies"], **rows[name]["result"].to_dict()} for name in ds.ROWS
+    }
+    return {"detectors": out, "pr_curves": rows["_pr_curves"], "maps": rows["_maps"]}
+
+
+def write_report(work: Path, results: list[dict], started: float, args, downstream_rows=None) -> list[str]:
+    """metrics.json and the Markdown tables results.md; returns the tables' lines."""
+    report = {
+        "results": results,
+        "seconds": round(time.perf_counter() - started, 1),
+        "stage_seconds": {k: round(v, 1) for k, v in TIMINGS.items()},
+        "settings": vars(args),
+    }
+    ds._save_atomic(
+        work / "metrics.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2, default=str))
+    )
     table = [
-        "| model | text controllability | colour | shape | max change outside mask |",
-        "|---|---|---|---|---|",
+        "| model | text controllability | colour | shape | max change outside mask | downstream pixel AP |",
+        "|---|---|---|---|---|---|",
     ]
     for r in results:
+        ap = r.get("downstream", {}).get("detectors", {}).get(ds.ROWS[0], {}).get("pixel_ap")
         table.append(
             f"| {r['model']} | {r['text_controllability']:.3f} | {r['colour_accuracy']:.3f} | "
-            f"{r['shape_accuracy']:.3f} | {r['max_outside_mask_change']} |"
+            f"{r['shape_accuracy']:.3f} | {r['max_outside_mask_change']} | "
+            + ("—" if ap is None else f"{100 * ap:.1f}")
+            + " |"
         )
-    (work / "results.md").write_text("\n".join(table) + "\n")
+    if downstream_rows is not None:
+        table += [
+            "",
+            f"Downstream ({downstream_rows['_model']}), toy evaluation fold:",
+            "",
+            *ds.table(downstream_rows),
+        ]
+    table += ["", "| stage | wall time |", "|---|---|"]
+    table += [f"| {k} | {v:.0f} s |" for k, v in TIMINGS.items()]
+    table.append(f"| total | {time.perf_counter() - started:.0f} s |")
+    ds._save_atomic(work / "results.md", lambda tmp: tmp.write_text("\n".join(table) + "\n"))
     return table
 
 
@@ -302,6 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inference_steps", type=int, default=20)
     p.add_argument("--guidance_scale", type=float, default=3.0)
     p.add_argument("--synthesis_batch", type=int, default=32)
+    p.add_argument("--ema_decay", type=float, default=0.999,
+                   help="train.py --use_ema with this decay; 0 = no EMA.")  # fmt: skip
+    p.add_argument("--snr_gamma", type=float, default=5.0, help="train.py --snr_gamma; 0 = unweighted.")
+    p.add_argument("--noise_offset", type=float, default=0.0, help="train.py --noise_offset.")
+    p.add_argument("--downstream_per_type", type=int, default=16,
+                   help="Anomalies per defect type for each downstream detector (synthesised, Perlin, real repeated).")  # fmt: skip
+    p.add_argument("--detector_epochs", type=int, default=30, help="Epochs of each downstream detector.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help="A real Stable Diffusion checkpoint (Hub id or folder) instead of the tiny from-scratch one.")  # fmt: skip
@@ -319,29 +385,45 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--pretrained_model_name_or_path and --image_encoder go together")
     torch.manual_seed(args.seed)
     started = time.perf_counter()
+    TIMINGS.clear()
     work = Path(args.output_dir)
     work.mkdir(parents=True, exist_ok=True)
-    log(f"[1-2/6] toy MVTec Caption set -> {work}")
+    log(f"[1-2/7] toy MVTec Caption set -> {work}")
+    t = time.perf_counter()
     toy, export, dataset = build_dataset(
         work, args.size, args.anomalies_per_type, args.held_out_normals, args.seed
     )
+    timed("toy dataset (build, export, load)", t)
     if args.pretrained_model_name_or_path:
         base, encoder = args.pretrained_model_name_or_path, args.image_encoder
     else:
-        log("[3/6] tiny from-scratch base model (VAE pre-training)")
+        log("[3/7] tiny from-scratch base model (VAE pre-training)")
+        t = time.perf_counter()
         base, encoder = tiny_base(work, toy, args.size, args.vae_steps, args.seed)
+        timed("VAE pre-training", t)
     models = ABLATIONS if args.ablation else {"all (AnomalyXFusion)": []}
-    results = []
+    results, baselines, main_rows = [], None, None
     for name, flags in models.items():
-        log(f"[3-5/6] {name}: train, synthesise, measure")
-        metrics, jobs = run_one(name, flags, work, base, encoder, export, toy, dataset, args)
+        log(f"[3-5/7] {name}: train, synthesise, measure")
+        metrics, jobs, pipe, run_name = run_one(name, flags, work, base, encoder, export, toy, dataset, args)
+        log(f"[6/7] {name}: downstream (synthesise {args.downstream_per_type} per type, train 3 detectors)")
+        rows = run_downstream(pipe, run_name, work, export, toy, args, baselines)
+        rows["_model"] = name
+        baselines = {k: rows[k] for k in ds.ROWS[1:]}
+        metrics["downstream"] = downstream_summary(rows)
+        main_rows = rows
         results.append(metrics)
-        write_report(work, results, started, args)  # after each model: a cut-short run keeps its rows
+        write_report(
+            work, results, started, args, main_rows
+        )  # after each model: a cut-short run keeps its rows
+    t = time.perf_counter()
     results[-1]["ic_lpips_random_backbone"] = ic_lpips_random_backbone(jobs, dataset)
-    table = write_report(work, results, started, args)
-    log(f"[6/6] done in {time.perf_counter() - started:.0f} s")
+    timed("IC-LPIPS (random backbone)", t)
+    table = write_report(work, results, started, args, main_rows)
+    log(f"[7/7] done in {time.perf_counter() - started:.0f} s")
     print("\n".join(table))
     log(f"grid(s): {', '.join(r['grid'] for r in results)}")
+    log(f"downstream: {main_rows['_pr_curves']}, {main_rows['_maps']}")
     log(f"metrics: {work / 'metrics.json'}  table: {work / 'results.md'}")
     log(f"chance level for controllability: {results[0]['chance_level']:.3f}")
     return 0

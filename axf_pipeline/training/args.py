@@ -126,6 +126,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient_checkpointing", action="store_true", help="Recompute UNet activations.")
     g.add_argument("--allow_tf32", action="store_true")
     g.add_argument("--seed", type=int, default=0, help="Seed of noise, timesteps, augmentations and order.")
+    g.add_argument(
+        "--use_ema",
+        action="store_true",
+        help="Keep an exponential moving average of the trained weights (diffusers' EMAModel); it is saved "
+        "and resumed with each checkpoint and is what the final pipeline exports.",
+    )
+    g.add_argument("--ema_decay", type=float, default=0.9999, help="Upper bound of the EMA decay.")
+    g.add_argument(
+        "--snr_gamma",
+        type=float,
+        default=None,
+        help="Min-SNR loss weighting (Hang et al., 2023): weight min(SNR(t), gamma)/SNR(t) per example; "
+        "5.0 is the recommended value. Default: unweighted.",
+    )
+    g.add_argument(
+        "--noise_offset",
+        type=float,
+        default=0.0,
+        help="Add offset * N(0, 1) per example and channel to the training noise, so the model can "
+        "change mean brightness and colour; ~0.05-0.1. 0 = off.",
+    )
 
     g = p.add_argument_group("checkpoints, logging, publishing")
     g.add_argument("--output_dir", required=True, help="Checkpoints, logs and the final pipeline go here.")
@@ -184,6 +205,12 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not 0.0 <= value <= 1.0:
             bad(f"--{name} must be in [0, 1], got {value}")
+    if not 0.0 <= args.ema_decay < 1.0:
+        bad(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    if args.snr_gamma is not None and args.snr_gamma <= 0:
+        bad(f"--snr_gamma must be > 0, got {args.snr_gamma}")
+    if args.noise_offset < 0:
+        bad(f"--noise_offset must be >= 0, got {args.noise_offset}")
     if args.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         bad("--push_to_hub was given but HF_HUB_OFFLINE is set: the push would fail after training")
     if args.metrics_file is not None and not os.path.isfile(args.metrics_file):

@@ -152,6 +152,12 @@ def train(args: argparse.Namespace) -> TrainingResult:
     )
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
+    ema = None
+    if args.use_ema:  # an average of the trained weights: saved and resumed with each checkpoint, exported
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=args.ema_decay)
+        accelerator.register_for_checkpointing(ema)
     ckpt.register_hooks(accelerator, accelerator.unwrap_model)
 
     train_dataset = AnomalyTrainingDataset(
@@ -182,6 +188,8 @@ def train(args: argparse.Namespace) -> TrainingResult:
         scheduler=components["scheduler"].__class__.from_config(components["scheduler"].config),
         inpainting=unet.config.in_channels == 9,
         cache_latents=args.cache_latents,
+        noise_offset=args.noise_offset,
+        snr_gamma=args.snr_gamma,
     )
     use_text = not args.no_text
 
@@ -246,6 +254,8 @@ def train(args: argparse.Namespace) -> TrainingResult:
             if not accelerator.sync_gradients:
                 continue
             lr_scheduler.step()
+            if ema is not None:
+                ema.step(params)
             global_step += 1
             step_loss = accelerator.reduce(running, reduction="mean").item()
             running = 0.0
@@ -276,6 +286,8 @@ def train(args: argparse.Namespace) -> TrainingResult:
 
     # ---- export (main process only: the pipeline is saved once) -----------------------------------
     accelerator.wait_for_everyone()
+    if ema is not None:
+        ema.copy_to(params)  # the pipeline (exported and returned) carries the averaged weights
     if accelerator.is_main_process:
         from .export import export_pipeline
 

@@ -29,20 +29,43 @@ def default_loss_mask_weight(unet_in_channels: int) -> float:
 
 
 def noise_prediction_loss(
-    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, mask_weight: float = 1.0
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    mask_weight: float = 1.0,
+    example_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean squared error with per-pixel weight ``(1 − w) + w · mask`` (normalised per example).
+    """Mean squared error with per-pixel weight ``(1 − w) + w · mask`` (normalised per example), each
+    example's error then scaled by ``example_weights`` (min-SNR weighting; None = 1).
 
     An example whose weights sum to zero (an empty mask with ``w = 1``) falls back to uniform weights
     rather than contributing NaN.
     """
     err = (pred.float() - target.float()).pow(2)
     if mask is None or mask_weight == 0:
-        return err.mean()
+        return _weighted_mean(err.flatten(1).mean(1), example_weights)
     m = latent_mask(mask, mask.shape[-1] // err.shape[-1]).to(err.dtype)  # max-pool: thin scratches survive
     weight = (1.0 - mask_weight) + mask_weight * m
     empty = weight.flatten(1).sum(1) == 0
     if empty.any():
         weight = torch.where(empty[:, None, None, None], torch.ones_like(weight), weight)
     per_example = (err * weight).flatten(1).sum(1) / (weight.flatten(1).sum(1) * err.shape[1])
-    return per_example.mean()
+    return _weighted_mean(per_example, example_weights)
+
+
+def _weighted_mean(per_example: torch.Tensor, example_weights: torch.Tensor | None) -> torch.Tensor:
+    if example_weights is None:
+        return per_example.mean()
+    return (per_example * example_weights.to(per_example)).mean()
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights as in diffusers' training examples: ``min(SNR, γ) / SNR`` for an ε target,
+    ``min(SNR, γ) / (SNR + 1)`` for a v target. Down-weights the easy, low-noise timesteps."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
+    clipped = torch.clamp(snr, max=snr_gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr

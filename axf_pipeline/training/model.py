@@ -17,7 +17,7 @@ from torch import nn
 from ..conditioning import cross_attention_states, encode_reference, encode_text, x_embedding
 from ..image_processing import latent_mask
 from .args import TrainingInputError
-from .loss import noise_prediction_loss
+from .loss import min_snr_weights, noise_prediction_loss
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 
@@ -157,6 +157,7 @@ class StepInputs:
     prompt_embeds: torch.Tensor | None
     image_embeds: torch.Tensor
     inpaint_latents: torch.Tensor | None
+    loss_weights: torch.Tensor | None = None  # per example (min-SNR); None = uniform
 
 
 @dataclass
@@ -177,6 +178,8 @@ class BatchEncoder:
     scheduler: object
     inpainting: bool = False
     cache_latents: bool = False
+    noise_offset: float = 0.0
+    snr_gamma: float | None = None
     _latents: dict = field(default_factory=dict)
     _text: dict = field(default_factory=dict)
 
@@ -223,6 +226,10 @@ class BatchEncoder:
         noise = torch.randn(latents.shape, generator=generator).to(device)
         steps = self.scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(device)
+        if self.noise_offset:  # diffusers' --noise_offset: a per-channel shift the model must learn to undo
+            noise = noise + self.noise_offset * torch.randn(
+                (*latents.shape[:2], 1, 1), generator=generator
+            ).to(device)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         prediction_type = self.scheduler.config.prediction_type
         if prediction_type == "epsilon":
@@ -245,7 +252,12 @@ class BatchEncoder:
             masked_latents = self.vae.encode(masked.to(self.vae.dtype)).latent_dist.mode().float()
             small_mask = latent_mask(mask, mask.shape[-1] // latents.shape[-1])
             inpaint = torch.cat([small_mask, masked_latents * scaling], dim=1)
-        return StepInputs(noisy, timesteps, target, mask, pooled, prompt_embeds, image_embeds, inpaint)
+        weights = (
+            None if self.snr_gamma is None else min_snr_weights(self.scheduler, timesteps, self.snr_gamma)
+        )
+        return StepInputs(
+            noisy, timesteps, target, mask, pooled, prompt_embeds, image_embeds, inpaint, weights
+        )
 
 
 def step_generator(seed: int, batch_counter: int, process_index: int) -> torch.Generator:
@@ -264,4 +276,4 @@ def compute_loss(denoiser, inputs: StepInputs, loss_mask_weight: float) -> torch
         inputs.image_embeds,
         inputs.inpaint_latents,
     )
-    return noise_prediction_loss(pred, inputs.target, inputs.mask, loss_mask_weight)
+    return noise_prediction_loss(pred, inputs.target, inputs.mask, loss_mask_weight, inputs.loss_weights)
