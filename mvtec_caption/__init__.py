@@ -1,6 +1,6 @@
 """MVTec Caption: image–mask–text triples for MVTec AD, MVTec LOCO and any MVTec-layout tree as a Hugging Face dataset."""
 
-from .builder import MVTecCaption, MVTecCaptionConfig
+from .builder import MVTecCaption, MVTecCaptionConfig, caption_features
 from .captions import read_captions
 from .errors import MVTecCaptionError
 from .export import check_export, export_dataset, push_to_hub
@@ -10,6 +10,7 @@ __all__ = [
     "MVTecCaption",
     "MVTecCaptionConfig",
     "MVTecCaptionError",
+    "caption_features",
     "check_export",
     "export_dataset",
     "make_custom_tree",

@@ -67,7 +67,8 @@ SPLITS = {
 }
 
 
-def _features() -> datasets.Features:
+def caption_features() -> datasets.Features:
+    """The MVTec Caption columns; datasets derived from it (e.g. synthetic sets) start from these."""
     return datasets.Features(
         {
             "image": datasets.Image(mode="RGB"),
@@ -132,7 +133,7 @@ class MVTecCaption(datasets.GeneratorBasedBuilder):
         custom = self.config.name == "custom"
         return datasets.DatasetInfo(
             description=_CUSTOM_DESCRIPTION if custom else _DESCRIPTION,
-            features=_features(),
+            features=caption_features(),
             homepage="" if custom else _HOMEPAGE,
             license="" if custom else LICENSE,
             citation=CITATION,

@@ -15,8 +15,9 @@ import pytest
 import torch
 from cli_checks import assert_refused
 from safetensors.torch import load_file
+from training_setup import make_training_setup, training_argv
 
-from axf_pipeline.tiny import build_tiny_components, save_tiny_base
+from axf_pipeline.tiny import build_tiny_components
 from axf_pipeline.training import main, parse_args
 from axf_pipeline.training.checkpointing import STATE_FILE, WEIGHTS_FILE, list_checkpoints
 from axf_pipeline.training.data import (
@@ -41,47 +42,10 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM
 
 @pytest.fixture(scope="module")
 def fixture(tmp_path_factory):
-    from mvtec_caption import export_dataset, make_sample_tree
-
-    root = tmp_path_factory.mktemp("training")
-    tree = make_sample_tree(root / "tree", "ad", captions_path=root / "captions.json", scale=0.04)
-    export_dataset(
-        "ad", tree.root, root / "export", captions=root / "captions.json", cache_dir=root / "cache"
-    )
-    words = {
-        w.strip(".:").lower()
-        for d in tree.captions.values()
-        for c in d.values()
-        for s in c
-        for w in s.split()
-    }
-    base, encoder = save_tiny_base(root, build_tiny_components(words=words, scheduler="ddpm"))
-    load_mvtec_caption(str(root / "export"), "ad", str(root / "cache"))  # prepared once, here
-    return {
-        "root": root,
-        "dataset": root / "export",
-        "cache": root / "cache",
-        "base": base,
-        "encoder": encoder,
-    }
+    return make_training_setup(tmp_path_factory.mktemp("training"))
 
 
-def argv(fx, output_dir, *extra):
-    return [
-        "--pretrained_model_name_or_path", str(fx["base"]),
-        "--image_encoder", str(fx["encoder"]),
-        "--dataset_name", str(fx["dataset"]),
-        "--dataset_config", "ad",
-        "--cache_dir", str(fx["cache"]),
-        "--output_dir", str(output_dir),
-        "--resolution", "32",
-        "--train_batch_size", "2",
-        "--learning_rate", "1e-2",
-        "--lora_rank", "2",
-        "--validation_steps", "0",
-        "--report_to", "none",
-        *extra,
-    ]  # fmt: skip
+argv = training_argv
 
 
 def test_fixed_batch_loss_goes_down_and_only_trained_params_change(fixture):

@@ -30,20 +30,18 @@ PREVIEW_HEIGHT = 128
 
 
 def features():
+    """The MVTec Caption columns a detector reads (no ``fold``: every row is synthetic) plus provenance."""
     import datasets
 
+    from mvtec_caption import caption_features
+
+    caption = caption_features()
+    kept = ("image", "mask", "caption", "category", "defect_type", "is_anomaly", "path")
+    provenance = {name: datasets.Value("string") for name in ("source_image", "reference", "mask_source")}
     return datasets.Features(
         {
-            "image": datasets.Image(mode="RGB"),
-            "mask": datasets.Image(mode="L"),
-            "caption": datasets.Value("string"),
-            "category": datasets.Value("string"),
-            "defect_type": datasets.Value("string"),
-            "is_anomaly": datasets.Value("bool"),
-            "path": datasets.Value("string"),
-            "source_image": datasets.Value("string"),
-            "reference": datasets.Value("string"),
-            "mask_source": datasets.Value("string"),
+            **{name: caption[name] for name in kept},
+            **provenance,
             "seed": datasets.Value("int64"),
             "model": datasets.Value("string"),
         }
