@@ -14,7 +14,7 @@ What each side computes (per call, batch 1, CFG):
 
 Target: ratio ≤ 1.03. With few steps the per-call costs (VAE, CLIP) weigh more than in a 50-step run.
 
-    python benchmarks/bench_real_size_sampling.py [--unet-in-channels 4|9] [--loco] [--steps 3] [--repeats 3]
+    python benchmarks/bench_real_size_sampling.py [--unet-in-channels 4|9] [--loco] [--steps 2] [--repeats 2]
     python benchmarks/bench_real_size_sampling.py --profile   # where our call spends its time
 """
 
@@ -57,9 +57,10 @@ def main(argv=None) -> dict:
     p.add_argument("--loco", action="store_true", help="1600x1100 image, small defect, padding_mask_crop")
     p.add_argument("--padding-mask-crop", type=int, default=32)
     p.add_argument("--size", type=int, default=512, help="generation size in pixels")
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=2)
     p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=0, help="untimed calls of each side first")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
@@ -72,7 +73,9 @@ def main(argv=None) -> dict:
 
     c = build_sd15_components(unet_in_channels=args.unet_in_channels, words=WORDS)
     for name in ("vae", "text_encoder", "image_encoder", "unet", "mif", "ddf"):
-        c[name].to("cpu" if args.offload else args.device, dtype)
+        c[name].to("cpu" if args.offload else args.device)
+        if dtype != torch.float32:
+            c[name].to(dtype)
     ours = AnomalyXFusionPipeline(**c)
     theirs = stable_diffusion_pipeline(c, StableDiffusionInpaintPipeline, feature_extractor=False)
     for pipe in (ours, theirs):
@@ -120,7 +123,7 @@ def main(argv=None) -> dict:
         return {}
     with torch.inference_mode():
         times = alternate({"AnomalyXFusionPipeline": run_ours, "StableDiffusionInpaintPipeline": run_theirs},
-                          repeats=args.repeats)  # fmt: skip
+                          repeats=args.repeats, warmup=args.warmup)  # fmt: skip
     print(what)
     out = report(times, "AnomalyXFusionPipeline", "StableDiffusionInpaintPipeline", target=1.03)
     print(f"peak RSS {peak_rss_gb():.1f} GB", end="")

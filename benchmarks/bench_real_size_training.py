@@ -11,7 +11,7 @@ too (bench_training.py's steps, at real size; one shared set of weights).
 step; GPU: torch.cuda.max_memory_allocated), split into frozen weights, trainable weights + gradients +
 optimizer state, and activations (peak during the step minus what was held before it).
 
-    python benchmarks/bench_real_size_training.py time [--repeats 3] [--steps 1]
+    python benchmarks/bench_real_size_training.py time [--repeats 2] [--steps 1] [--warmup 0]
     python benchmarks/bench_real_size_training.py memory [--levers +checkpointing "+half frozen" ...]
 
 On a CPU only the fp32 + checkpointing step is measured by default (half-precision compute is emulated
@@ -111,6 +111,7 @@ def time_main(args) -> dict:
             "diffusers LoRA step": side(baseline_step, base_state),
         },
         repeats=args.repeats,
+        warmup=args.warmup,
     )
     print(
         f"{args.resolution}px, batch {args.batch_size}, UNet LoRA rank {args.lora_rank} + gradient checkpointing, "
@@ -177,11 +178,10 @@ def one_lever_set(args) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step(0)  # optimizer state exists from here on, as in every step after the first
-    before = _held()
+    before = _held()  # the first step's peak also holds the AdamW state it creates
     _reset_peak()
     t0 = time.perf_counter()
-    step(1)
+    step(0)
     seconds = time.perf_counter() - t0
     peak = _peak()
     opt_state = nbytes(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
@@ -257,7 +257,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--lora-rank", type=int, default=4)
     p.add_argument("--steps", type=int, default=1, help="training steps per timing")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=0, help="untimed steps of each side first")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--levers", nargs="+", choices=list(LEVERS), default=None,

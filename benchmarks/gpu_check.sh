@@ -16,11 +16,11 @@ run() { echo; echo "\$ $*"; timeout "${STEP_TIMEOUT:-200}" "$PY" "$@"; }
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     date -u "+%Y-%m-%d %H:%M UTC"
     "$PY" -c "import torch; print(torch.cuda.get_device_name(0), '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
-    S=(--steps 50 --repeats 3 --device cuda --dtype float16)
+    S=(--steps 50 --repeats 3 --warmup 1 --device cuda --dtype float16)
     run benchmarks/bench_real_size_sampling.py "${S[@]}"
     run benchmarks/bench_real_size_sampling.py "${S[@]}" --offload
     run benchmarks/bench_real_size_sampling.py "${S[@]}" --loco
-    run benchmarks/bench_real_size_training.py time --device cuda --repeats 5 --steps 3
+    run benchmarks/bench_real_size_training.py time --device cuda --repeats 5 --steps 3 --warmup 1
     STEP_TIMEOUT=300 run benchmarks/bench_real_size_training.py memory --device cuda
     echo
     # pipeline tests that need an accelerator (none is collected on a CPU-only machine)
