@@ -11,7 +11,6 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -214,6 +213,8 @@ def _random_parameters(module: torch.nn.Module, seed: int, pool_size: int = 2**2
 
     The values are a seeded pool of ``pool_size`` uniforms read from a random offset per tensor: a billion
     fresh random numbers take minutes on a CPU, and what the benchmarks measure depends on shapes only."""
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     pool = rng.random(pool_size, dtype=np.float32) * 2 - 1
     pool = np.concatenate([pool, pool])  # any window of pool_size values is contiguous
