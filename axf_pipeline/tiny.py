@@ -207,3 +207,143 @@ def save_tiny_base(folder: str | Path, components: dict) -> tuple[Path, Path]:
     components["image_encoder"].save_pretrained(folder / "image_encoder", safe_serialization=True)
     components["feature_extractor"].save_pretrained(folder / "image_encoder")
     return folder / "base", folder / "image_encoder"
+
+
+def _random_parameters(module: torch.nn.Module, seed: int, pool_size: int = 2**22) -> torch.nn.Module:
+    """Materialises parameters left on the meta device (accelerate's ``init_empty_weights``) with seeded
+    values at PyTorch's default scale: weights U(±1/sqrt(fan_in)), norm scales 1, other vectors U(±0.02).
+
+    The values are a seeded pool of ``pool_size`` uniforms read from a random offset per tensor: a billion
+    fresh random numbers take minutes on a CPU, and what the benchmarks measure depends on shapes only."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    pool = rng.random(pool_size, dtype=np.float32) * 2 - 1
+    pool = np.concatenate([pool, pool])  # any window of pool_size values is contiguous
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.BatchNorm2d)
+    for sub in module.modules():
+        for name, param in list(sub.named_parameters(recurse=False)):
+            if not param.is_meta:
+                continue
+            shape = tuple(param.shape)
+            if isinstance(sub, norms) and name == "weight":
+                values = np.ones(shape, np.float32)
+            else:
+                bound = 1 / float(np.sqrt(np.prod(shape[1:]))) if len(shape) >= 2 else 0.02
+                n, start = int(np.prod(shape)), int(rng.integers(pool_size))
+                window = pool[start : start + pool_size]
+                flat = window[:n] if n <= pool_size else np.tile(window, -(-n // pool_size))[:n]
+                values = (flat * bound).reshape(shape)  # a fresh array of exactly n values
+            setattr(
+                sub, name, torch.nn.Parameter(torch.from_numpy(values), requires_grad=param.requires_grad)
+            )
+    return module
+
+
+def build_sd15_components(
+    *,
+    unet_in_channels: int = 4,
+    num_tokens: int = 4,
+    words: Iterable[str] = (),
+    use_ddf: bool = True,
+    scheduler: str = "ddim",
+    seed: int = 0,
+) -> dict:
+    """Components shaped like a real base, with random weights (no download): the benchmarks' real size.
+
+    UNet and VAE have Stable Diffusion 1.5's configs (``unet_in_channels`` 4, or 9 for the inpainting UNet),
+    the text encoder is CLIP ViT-L/14's (12 layers, 768 wide, 77 positions; its vocabulary is the generated
+    tokenizer's), the image encoder a ViT-L/14 vision tower with a 768 projection, and MIF/DDF are what
+    ``AnomalyXFusionPipeline.from_base`` builds for them. About 5.4 GB of fp32 weights (UNet 3.4 GB).
+    Tokenizer and scheduler are the tiny builder's (SD's betas).
+    """
+    from accelerate import init_empty_weights
+    from transformers import CLIPImageProcessor
+
+    from .models import DynamicDifFusion, MultiModalInFusion
+
+    small = build_tiny_components(
+        unet_in_channels=unet_in_channels, words=words, model_max_length=77, scheduler=scheduler, seed=seed
+    )
+    tokenizer = small["tokenizer"]
+    with init_empty_weights():  # parameters on the meta device, buffers real; filled below
+        unet, vae, text_encoder, image_encoder = _sd15_modules(unet_in_channels, tokenizer)
+    for i, module in enumerate((unet, vae, text_encoder, image_encoder)):
+        _random_parameters(module, seed * 100 + i)
+    torch.manual_seed(seed)  # MIF and DDF are small: their own initialisation (DDF starts as identity)
+    mif = MultiModalInFusion(
+        cross_attention_dim=768, text_embed_dim=768, image_embed_dim=768, num_tokens=num_tokens
+    )
+    ddf = DynamicDifFusion(cross_attention_dim=768) if use_ddf else None
+    feature_extractor = CLIPImageProcessor(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
+    )
+    return {
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "image_encoder": image_encoder,
+        "feature_extractor": feature_extractor,
+        "unet": unet,
+        "scheduler": small["scheduler"],
+        "mif": mif,
+        "ddf": ddf,
+    }
+
+
+def _sd15_modules(unet_in_channels: int, tokenizer) -> tuple:
+    """SD-1.5's UNet and VAE, CLIP ViT-L/14's text and vision towers, by their published configs."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=unet_in_channels,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=512,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    image_encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            projection_dim=768,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=224,
+            patch_size=14,
+            hidden_act="quick_gelu",
+        )
+    )
+    return unet, vae, text_encoder, image_encoder

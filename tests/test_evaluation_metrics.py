@@ -230,6 +230,53 @@ def test_ic_lpips_real_lpips_model_zero_for_identical_and_grows_with_diversity(r
     assert 0 < low < high
 
 
+def test_ic_lpips_runs_the_backbone_once_per_image_with_the_values_of_pairwise_lpips(random_lpips):
+    """Same clusters and scores (1e-6) as lpips.LPIPS(a, b) on every pair, but each image's VGG features once."""
+    rng = np.random.default_rng(3)
+    res = 16
+    centres = [rng.integers(0, 256, (res, res, 3), dtype=np.uint8) for _ in range(3)]
+    gens = [
+        np.clip(centres[i % 3] + rng.normal(0, 40, (res, res, 3)), 0, 255).astype(np.uint8) for i in range(8)
+    ]
+
+    def unit(images):
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+    with torch.no_grad():  # the reference: the lpips package's own forward, image pair by image pair
+        g, c = unit(gens), unit(centres)
+        to_centre = np.array(
+            [[random_lpips(g[i : i + 1], c[j : j + 1]).item() for j in range(3)] for i in range(8)]
+        )
+        nearest = to_centre.argmin(1)
+        expected = []
+        for k in range(3):
+            members = np.flatnonzero(nearest == k)
+            pair_d = [
+                random_lpips(g[i : i + 1], g[j : j + 1]).item() for i, j in itertools.combinations(members, 2)
+            ]
+            expected.append(np.mean(pair_d) if len(members) >= 2 else None)
+    images_through_backbone = []
+    hook = random_lpips.net.slice1.register_forward_hook(
+        lambda m, x, out: images_through_backbone.append(len(x[0]))
+    )
+    try:
+        kw = dict(distance=random_lpips, progress=False, resolution=res, max_cluster_size=None, batch_size=4)
+        got = ic_lpips(gens, centres, **kw)
+        n_default = sum(images_through_backbone)
+        tight = ic_lpips(gens, centres, feature_memory_gb=1e-6, **kw)  # one image per block: recomputes
+    finally:
+        hook.remove()
+    assert [r["size"] for r in got.clusters["all"]] == np.bincount(nearest, minlength=3).tolist()
+    for result in (got, tight):
+        for row, want in zip(result.clusters["all"], expected, strict=True):
+            assert (row["score"] is None) == (want is None)
+            if want is not None:
+                assert abs(row["score"] - want) < 1e-6
+    used = sum(r["used"] for r in got.clusters["all"] if r["used"] >= 2)
+    assert n_default == 1 + len(gens) + len(centres) + used  # a probe, each image once per phase
+    assert sum(images_through_backbone) > n_default
+
+
 def test_ic_lpips_random_backbone_is_marked_and_missing_weights_named(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(MissingWeightsError, match=r"vgg16-397923af\.pth.*hub.checkpoints"):

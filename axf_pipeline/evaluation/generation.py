@@ -4,7 +4,9 @@
   images (resized to 299 inside the extractor), ``logits_unbiased``, 10 splits, samples shuffled with
   ``numpy.random.RandomState(2020)``; the score itself is torch-fidelity's ``isc_features_to_metric``.
 * IC-LPIPS (intra-cluster pairwise LPIPS, DFMGAN / AnomalyDiffusion): LPIPS v0.1 from the ``lpips``
-  package on 256×256 images scaled to [-1, 1], the same for generated images and centres.
+  package on 256×256 images scaled to [-1, 1], the same for generated images and centres. The backbone
+  runs once per image and only the cheap per-layer comparison runs per pair (same values as
+  ``lpips.LPIPS.forward``, which would run the backbone twice for every pair).
 """
 
 from __future__ import annotations
@@ -202,22 +204,121 @@ def _as_groups(images, what: str) -> dict[str, list]:
 
 
 def _lpips_tensor(images: list, resolution: int, what: str) -> np.ndarray:
-    """(N, H, W, 3) uint8 at resolution × resolution; scaled to [-1, 1] per batch in `_pair_distances`."""
+    """(N, H, W, 3) uint8 at resolution × resolution; scaled to [-1, 1] per batch in `_features`."""
     return np.stack(
         [resize_rgb(to_rgb_uint8(im, name=f"{what}[{i}]"), resolution) for i, im in enumerate(images)]
     )
 
 
-def _pair_distances(distance, a: np.ndarray, b: np.ndarray, pairs: np.ndarray, batch_size: int, device: str):
+class _PairScorer:
+    """A distance split in two: ``features`` of each image once, ``compare`` of two feature sets per pair.
+
+    For an ``lpips.LPIPS`` model this is its ``forward`` (v0.1, not spatial) taken apart operation by
+    operation, so every pair gets the same value while the backbone runs once per image, not twice per pair.
+    Any other ``distance(a, b) -> (B,)`` keeps the image itself as its "feature" and runs per pair.
+    """
+
+    def __init__(self, distance):
+        import lpips
+
+        self.lpips = distance if isinstance(distance, lpips.LPIPS) else None
+        if self.lpips is not None and (
+            self.lpips.spatial or not self.lpips.lpips or self.lpips.version != "0.1"
+        ):
+            self.lpips = None  # other LPIPS variants: run them per pair, as given
+        self.distance = distance
+
+    def features(self, x):
+        if self.lpips is None:
+            return [x]
+        import lpips
+
+        outs = self.lpips.net.forward(self.lpips.scaling_layer(x))
+        return [lpips.normalize_tensor(outs[k]) for k in range(self.lpips.L)]
+
+    def compare(self, fa: list, fb: list):
+        if self.lpips is None:
+            return self.distance(fa[0], fb[0])
+        from lpips.lpips import spatial_average
+
+        val = 0
+        for k in range(self.lpips.L):
+            val += spatial_average(self.lpips.lins[k]((fa[k] - fb[k]) ** 2), keepdim=True)
+        return val
+
+
+def _unit_range(images: np.ndarray, device: str):
     import torch
 
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+
+
+def _features(scorer: _PairScorer, images: np.ndarray, idx: np.ndarray, batch_size: int, device: str) -> list:
+    import torch
+
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(idx), batch_size):
+            parts.append(scorer.features(_unit_range(images[idx[start : start + batch_size]], device)))
+    return [torch.cat(layer) for layer in zip(*parts, strict=True)]
+
+
+def _pair_distances(
+    scorer: _PairScorer,
+    a: np.ndarray,
+    b: np.ndarray,
+    pairs: np.ndarray,
+    batch_size: int,
+    device: str,
+    block: int,
+) -> np.ndarray:
+    """Distance of each ``(i, j)`` in ``pairs`` between ``a[i]`` and ``b[j]``.
+
+    Features are computed per block of at most ``block`` images of each side and reused for every pair in
+    the block; with ``a is b`` a block is shared by both sides. When a side fits in one block (the centres
+    of a defect type, a cluster), each of its images goes through the backbone exactly once.
+    """
+    import torch
+
+    same = a is b
     out = np.empty(len(pairs), dtype=np.float64)
-    for start in range(0, len(pairs), batch_size):
-        idx = pairs[start : start + batch_size]
-        xa = torch.from_numpy(a[idx[:, 0]]).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
-        xb = torch.from_numpy(b[idx[:, 1]]).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
-        with torch.no_grad():
-            out[start : start + len(idx)] = distance(xa, xb).reshape(len(idx)).double().cpu().numpy()
+    if same:
+        a_ids = b_ids = np.union1d(pairs[:, 0], pairs[:, 1])
+    else:
+        a_ids, b_ids = np.unique(pairs[:, 0]), np.unique(pairs[:, 1])
+    a_blocks = [a_ids[s : s + block] for s in range(0, len(a_ids), block)]
+    b_blocks = a_blocks if same else [b_ids[s : s + block] for s in range(0, len(b_ids), block)]
+    held: dict[tuple[str, int], list] = {}  # the current a block and the latest b block, no more
+    current_a = None
+
+    def feats(side: str, k: int) -> list:
+        nonlocal current_a
+        key = ("ab" if same else side, k)
+        if key not in held:
+            for old in [kk for kk in held if (kk == current_a) == (side == "a")]:
+                del held[old]
+            ids = (a_blocks if side == "a" else b_blocks)[k]
+            held[key] = _features(scorer, a if side == "a" else b, ids, batch_size, device)
+        if side == "a":
+            current_a = key
+        return held[key]
+
+    a_block_of = np.searchsorted(a_ids, pairs[:, 0]) // block
+    b_block_of = np.searchsorted(b_ids, pairs[:, 1]) // block
+    for ka in range(len(a_blocks)):
+        for kb in range(len(b_blocks)):
+            here = np.flatnonzero((a_block_of == ka) & (b_block_of == kb))
+            if not len(here):
+                continue
+            fa, fb = feats("a", ka), feats("b", kb)
+            ra = np.searchsorted(a_blocks[ka], pairs[here, 0])
+            rb = np.searchsorted(b_blocks[kb], pairs[here, 1])
+            for start in range(0, len(here), batch_size):
+                ia = torch.from_numpy(ra[start : start + batch_size]).to(device)
+                ib = torch.from_numpy(rb[start : start + batch_size]).to(device)
+                with torch.no_grad():
+                    d = scorer.compare([f[ia] for f in fa], [f[ib] for f in fb])
+                out[here[start : start + batch_size]] = d.reshape(len(ia)).double().cpu().numpy()
     return out
 
 
@@ -236,6 +337,7 @@ def ic_lpips(
     device: str = "cpu",
     random_backbone: bool = False,
     distance: Callable | None = None,
+    feature_memory_gb: float = 2.0,
     progress: bool = True,
 ) -> ICLPIPSResult:
     """Intra-cluster pairwise LPIPS of generated anomalies around real ones (diversity, higher = more diverse).
@@ -250,7 +352,10 @@ def ic_lpips(
         weights: ``.safetensors`` copy of torchvision's VGG-16 (or AlexNet) weights; by default the torch
             hub cache file (see :mod:`axf_pipeline.evaluation.weights`).
         distance: replace LPIPS by ``distance(a, b) -> (B,)`` on [-1, 1] batches (tests); the result is
-            then marked not a real score, as with ``random_backbone``.
+            then marked not a real score, as with ``random_backbone``. An ``lpips.LPIPS`` model given here is
+            split like the built one (backbone once per image); any other callable runs once per pair.
+        feature_memory_gb: LPIPS features (about 32 MB per 256 px image for VGG) are held for at most this
+            much; a side of a comparison that fits in half of it goes through the backbone once per image.
     """
     if small_clusters not in ("skip", "zero"):
         raise ValueError(f"small_clusters must be 'skip' or 'zero'; got {small_clusters!r}")
@@ -277,11 +382,16 @@ def ic_lpips(
         model, backbone = build_lpips(net, weights, random_backbone)
         model.to(device)
 
-        def distance(a, b):
-            return model(a, b)
-
+        distance = model
     else:
         backbone = "injected distance"
+    scorer = _PairScorer(distance)
+    import torch
+
+    with torch.no_grad():  # one image's features say how many fit in feature_memory_gb
+        probe = scorer.features(_unit_range(np.zeros((1, resolution, resolution, 3), np.uint8), device))
+    per_image = sum(f.nelement() * f.element_size() for f in probe)
+    block = max(1, int(feature_memory_gb * 2**30 / (2 * per_image)))
 
     per_type: dict[str, float | None] = {}
     clusters: dict[str, list[dict]] = {}
@@ -292,7 +402,7 @@ def ic_lpips(
         pairs = np.stack(np.meshgrid(np.arange(len(gen)), np.arange(len(cen)), indexing="ij"), -1).reshape(
             -1, 2
         )
-        d = _pair_distances(distance, gen, cen, pairs, batch_size, device).reshape(len(gen), len(cen))
+        d = _pair_distances(scorer, gen, cen, pairs, batch_size, device, block).reshape(len(gen), len(cen))
         nearest = d.argmin(axis=1)  # ties go to the lower centre index
         rows, scores = [], []
         for c in range(len(cen)):
@@ -309,7 +419,9 @@ def ic_lpips(
             else:
                 iu, ju = np.triu_indices(len(members), k=1)
                 pair_idx = np.stack([members[iu], members[ju]], -1)
-                row["score"] = float(_pair_distances(distance, gen, gen, pair_idx, batch_size, device).mean())
+                row["score"] = float(
+                    _pair_distances(scorer, gen, gen, pair_idx, batch_size, device, block).mean()
+                )
                 scores.append(row["score"])
             rows.append(row)
         clusters[dt] = rows
