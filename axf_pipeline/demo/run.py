@@ -348,9 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--held_out_normals", type=int, default=16, help="Normal images that receive every caption."
     )
-    p.add_argument("--vae_steps", type=int, default=200)
-    p.add_argument("--train_steps", type=int, default=1000)
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--vae_steps", type=int, default=200, help="VAE pre-training steps (from scratch).")
+    p.add_argument("--train_steps", type=int, default=1000, help="AnomalyXFusion training steps.")
+    p.add_argument("--batch_size", type=int, default=16, help="Training batch size.")
     p.add_argument(
         "--learning_rate",
         type=float,
@@ -358,9 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="1e-3 suits the tiny from-scratch UNet; "
         "use ~1e-4 with a real base model (then a UNet LoRA of rank 8 is trained, not the UNet).",
     )
-    p.add_argument("--inference_steps", type=int, default=20)
-    p.add_argument("--guidance_scale", type=float, default=3.0)
-    p.add_argument("--synthesis_batch", type=int, default=32)
+    p.add_argument("--inference_steps", type=int, default=20, help="DDIM steps per synthesis.")
+    p.add_argument("--guidance_scale", type=float, default=3.0, help="Classifier-free guidance.")
+    p.add_argument("--synthesis_batch", type=int, default=32, help="Images per pipeline call.")
     p.add_argument("--ema_decay", type=float, default=0.999,
                    help="train.py --use_ema with this decay; 0 = no EMA.")  # fmt: skip
     p.add_argument("--snr_gamma", type=float, default=5.0, help="train.py --snr_gamma; 0 = unweighted.")
@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--downstream_per_type", type=int, default=16,
                    help="Anomalies per defect type for each downstream detector (synthesised, Perlin, real repeated).")  # fmt: skip
     p.add_argument("--detector_epochs", type=int, default=30, help="Epochs of each downstream detector.")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="Seeds data, training, synthesis and detectors.")
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help="A real Stable Diffusion checkpoint (Hub id or folder) instead of the tiny from-scratch one.")  # fmt: skip
     p.add_argument(
