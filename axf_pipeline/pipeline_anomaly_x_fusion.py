@@ -415,6 +415,29 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
             embeds.append(encode_reference(self.image_encoder, self.feature_extractor, ref[None], msk[None]))
         return torch.cat(embeds)
 
+    def encode_reference_image(
+        self, reference_image, reference_mask=None, height: int | None = None, width: int | None = None
+    ) -> torch.Tensor:
+        """The CLIP image embeddings ``(B, p)`` that ``__call__`` computes from ``reference_image`` (and
+        ``reference_mask``) at generation size ``height × width``, to pass as ``reference_image_embeds``:
+        a batch job with one reference runs the ViT once instead of once per call.
+        """
+        references = ip.images_to_tensors(reference_image, "reference_image")
+        ref_masks = (
+            ip.masks_to_tensors(reference_mask, "reference_mask")
+            if reference_mask is not None
+            else [torch.ones(1, *r.shape[-2:]) for r in references]
+        )
+        ip.check_same_sizes(references, ref_masks, "reference_image", "reference_mask")
+        batch = ip.resolve_batch_size(reference_image=len(references), reference_mask=len(ref_masks))
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        return self.encode_reference_images(
+            ip.broadcast(references, batch),
+            ip.broadcast(ref_masks, batch),
+            size=max(height, width) if reference_mask is not None else None,
+        )
+
     # ------------------------------------------------------------------ helpers
     def check_inputs(
         self,
@@ -436,6 +459,7 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
         padding_mask_crop,
         callback_on_step_end_tensor_inputs,
         guidance_scale: float = 1.0,
+        reference_image_embeds=None,
     ):
         if not guidance_scale >= 0:
             raise ValueError(
@@ -486,6 +510,17 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
             raise ValueError("`reference_mask` given without `reference_image`")
         if reference_image is not None and self.image_encoder is None:
             raise ValueError("`reference_image` given but this pipeline has no image_encoder")
+        if reference_image_embeds is not None:
+            if reference_image is not None:
+                raise ValueError("pass either `reference_image` or `reference_image_embeds`, not both")
+            p = self.mif.config.image_embed_dim
+            embeds = reference_image_embeds
+            if not isinstance(embeds, torch.Tensor) or embeds.ndim != 2 or embeds.shape[1] != p:
+                got = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+                raise ValueError(
+                    f"reference_image_embeds must be a (batch, {p}) tensor as returned by "
+                    f"encode_reference_image, got {got}"
+                )
 
     def _warn_text_unused(self) -> None:
         if not getattr(self, "_warned_text_unused", False):
@@ -570,6 +605,7 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
         mask_image=None,
         reference_image=None,
         reference_mask=None,
+        reference_image_embeds: torch.Tensor | None = None,
         height: int | None = None,
         width: int | None = None,
         padding_mask_crop: int | None = None,
@@ -610,6 +646,9 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
                 references to, before CLIP sees it. Without it the whole reference image goes to CLIP,
                 whose processor resizes the short side and centre-crops (an edge of a non-square
                 reference is lost).
+            reference_image_embeds: instead of ``reference_image``, its precomputed CLIP embeddings
+                ``(1 or B, p)`` from :meth:`encode_reference_image` (same generation size): many calls
+                with one reference then run the ViT once.
             height, width: generation size (default: the UNet's native resolution). The result is
                 resized back to the generated region's size and composited.
             padding_mask_crop: ``None`` (default): generate in the window training crops show a defect in,
@@ -659,6 +698,7 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
             padding_mask_crop,
             callback_on_step_end_tensor_inputs,
             guidance_scale,
+            reference_image_embeds,
         )
         images = ip.images_to_tensors(image, "image")
         masks = ip.masks_to_tensors(mask_image, "mask_image")
@@ -686,6 +726,7 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
             mask_image=len(masks),
             reference_image=None if references is None else len(references),
             reference_mask=None if ref_masks is None else len(ref_masks),
+            reference_image_embeds=None if reference_image_embeds is None else len(reference_image_embeds),
         )
         images, masks = ip.broadcast(images, batch_size), ip.broadcast(masks, batch_size)
         if output_type in ("np", "pt") and len({tuple(x.shape) for x in images}) > 1:
@@ -694,7 +735,8 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
         width = width or self.unet.config.sample_size * self.vae_scale_factor
 
         self._guidance_scale = guidance_scale
-        self._guidance_has_target = self.use_text or references is not None
+        has_reference = references is not None or reference_image_embeds is not None
+        self._guidance_has_target = self.use_text or has_reference
         self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
         device = self._execution_device
@@ -756,14 +798,19 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
         init_image = self.image_processor.normalize(init_image).to(device=device, dtype=self.vae.dtype)
         gen_mask = gen_mask.to(device)
 
-        # 5. Reference embedding and X-embedding, once per call (eqs. 1-5)
-        image_embeds = None
-        if references is not None:
+        # 5. Reference embedding (unless precomputed) and X-embedding, once per call (eqs. 1-5)
+        image_embeds = reference_image_embeds
+        if references is not None:  # one reference for the whole batch goes through the ViT once
+            n_refs = max(len(references), len(ref_masks))
             image_embeds = self.encode_reference_images(
-                ip.broadcast(references, batch_size),
-                ip.broadcast(ref_masks, batch_size),
+                ip.broadcast(references, n_refs),
+                ip.broadcast(ref_masks, n_refs),
                 size=max(height, width) if reference_mask is not None else None,
-            ).to(device)
+            )
+        if image_embeds is not None:
+            image_embeds = image_embeds.to(device=device, dtype=self.mif.dtype)
+            if image_embeds.shape[0] == 1 and batch_size > 1:
+                image_embeds = image_embeds.expand(batch_size, -1)
             image_embeds = image_embeds.repeat_interleave(num_images_per_prompt, 0)
         mif_mask = gen_mask.repeat_interleave(num_images_per_prompt, 0).to(self.mif.dtype)
         if self.do_classifier_free_guidance:

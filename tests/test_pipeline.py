@@ -720,3 +720,35 @@ def test_tiny_schedulers_use_steps_offset_1_no_deprecation_warning():
         warnings.simplefilter("always")
         stable_diffusion_pipeline(build_tiny_components())
     assert not [w for w in caught if "steps_offset" in str(w.message)]
+
+
+def test_precomputed_reference_embeds_give_the_same_result_as_the_reference(pipe):
+    rng = np.random.default_rng(11)
+    reference = PIL.Image.fromarray(rng.integers(0, 256, (40, 24, 3), dtype=np.uint8))
+    ref_mask = np.zeros((40, 24), np.uint8)
+    ref_mask[5:30, 4:20] = 1
+    two = dict(image=[image_and_mask()[0]] * 2, mask_image=[image_and_mask()[1]] * 2, guidance_scale=3.0)
+    calls = []
+    hook = pipe.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:  # one reference for a batch of two goes through the ViT once
+        direct = pipe(**inputs(**two, reference_image=reference, reference_mask=ref_mask)).images
+    finally:
+        hook.remove()
+    assert calls == [1]
+    embeds = pipe.encode_reference_image(reference, ref_mask, height=32, width=32)
+    assert embeds.shape == (1, pipe.mif.config.image_embed_dim)
+    calls = []
+    hook = pipe.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:  # one embedding for a batch of two, and the ViT is not run again
+        cached = pipe(**inputs(**two, reference_image_embeds=embeds)).images
+    finally:
+        hook.remove()
+    assert calls == []
+    np.testing.assert_array_equal(cached, direct)
+    assert not np.array_equal(cached, pipe(**inputs(**two)).images)  # the embedding is used, not dropped
+    with pytest.raises(ValueError, match="either `reference_image` or `reference_image_embeds`"):
+        pipe(**inputs(reference_image=reference, reference_image_embeds=embeds))
+    with pytest.raises(ValueError, match="reference_image_embeds must be a"):
+        pipe(**inputs(reference_image_embeds=embeds[:, :-1]))
+    with pytest.raises(ValueError, match="mismatched batch sizes"):
+        pipe(**inputs(**two, reference_image_embeds=embeds.repeat(3, 1)))
