@@ -14,7 +14,6 @@ the same folder is refused, so the folder never mixes two runs.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -153,14 +152,12 @@ def _settings(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .synthesis.core import SynthesisError
+    from .synthesis.core import SynthesisError, report_input_error
 
     try:
         return _run(args)
     except (SynthesisError, FileNotFoundError, ValueError, OSError) as err:
-        message = " ".join(str(err).split())
-        print(f"{COMMAND}: error: {message}", file=sys.stderr)
-        return 2
+        return report_input_error(COMMAND, err)
 
 
 def _run(args: argparse.Namespace) -> int:

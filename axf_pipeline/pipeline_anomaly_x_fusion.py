@@ -415,13 +415,9 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
             embeds.append(encode_reference(self.image_encoder, self.feature_extractor, ref[None], msk[None]))
         return torch.cat(embeds)
 
-    def encode_reference_image(
-        self, reference_image, reference_mask=None, height: int | None = None, width: int | None = None
-    ) -> torch.Tensor:
-        """The CLIP image embeddings ``(B, p)`` that ``__call__`` computes from ``reference_image`` (and
-        ``reference_mask``) at generation size ``height × width``, to pass as ``reference_image_embeds``:
-        a batch job with one reference runs the ViT once instead of once per call.
-        """
+    @staticmethod
+    def _reference_tensors(reference_image, reference_mask) -> tuple[list, list]:
+        """Reference images and their masks as tensors; no mask means the whole image is the defect."""
         references = ip.images_to_tensors(reference_image, "reference_image")
         ref_masks = (
             ip.masks_to_tensors(reference_mask, "reference_mask")
@@ -429,6 +425,16 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
             else [torch.ones(1, *r.shape[-2:]) for r in references]
         )
         ip.check_same_sizes(references, ref_masks, "reference_image", "reference_mask")
+        return references, ref_masks
+
+    def encode_reference_image(
+        self, reference_image, reference_mask=None, height: int | None = None, width: int | None = None
+    ) -> torch.Tensor:
+        """The CLIP image embeddings ``(B, p)`` that ``__call__`` computes from ``reference_image`` (and
+        ``reference_mask``) at generation size ``height × width``, to pass as ``reference_image_embeds``:
+        a batch job with one reference runs the ViT once instead of once per call.
+        """
+        references, ref_masks = self._reference_tensors(reference_image, reference_mask)
         batch = ip.resolve_batch_size(reference_image=len(references), reference_mask=len(ref_masks))
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
@@ -705,13 +711,7 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
         ip.check_same_sizes(images, masks)
         references = ref_masks = None
         if reference_image is not None:
-            references = ip.images_to_tensors(reference_image, "reference_image")
-            ref_masks = (
-                ip.masks_to_tensors(reference_mask, "reference_mask")
-                if reference_mask is not None
-                else [torch.ones(1, *r.shape[-2:]) for r in references]
-            )
-            ip.check_same_sizes(references, ref_masks, "reference_image", "reference_mask")
+            references, ref_masks = self._reference_tensors(reference_image, reference_mask)
         if prompt_embeds is not None:
             n_prompts = prompt_embeds.shape[0]
         elif prompt is not None:

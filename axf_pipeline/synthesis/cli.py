@@ -12,7 +12,6 @@ flags resumes; with other flags (or into a folder of other files) it is refused.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 COMMAND = "axf synthesize"
@@ -93,13 +92,12 @@ def settings_of(args: argparse.Namespace, categories: list[str], defect_types: l
 
 
 def run(args: argparse.Namespace) -> int:
-    from .core import SynthesisError
+    from .core import SynthesisError, report_input_error
 
     try:
         return _run(args)
     except (SynthesisError, FileNotFoundError) as err:
-        print(f"{COMMAND}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        return report_input_error(COMMAND, err)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,12 @@ _TMP = ".axf-tmp-"
 
 class SynthesisError(ValueError):
     """Bad input for synthesis; the message (one line) names the file, argument, category or type."""
+
+
+def report_input_error(command: str, err: Exception) -> int:
+    """A command-line refusal: the message on one line of stderr, exit code 2 (both front-ends)."""
+    print(f"{command}: error: {' '.join(str(err).split())}", file=sys.stderr)
+    return 2
 
 
 @dataclass
