@@ -245,6 +245,8 @@ def test_sampler_deals_disjoint_batches_and_skips_exactly():
         ({"drop": "mask"}, "lacks the column(s) ['mask']"),
         ({"drop": "caption"}, "lacks the column(s) ['caption']"),
         ({"base": "no_unet"}, "unet"),
+        pytest.param({"--mixed_precision": "fp16"}, "--mixed_precision fp16 needs a GPU",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only refusal")),
     ],
 )
 def test_bad_input_fails_at_start_up(fixture, tmp_path, change, message):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -77,6 +78,16 @@ class TrainingResult:
     pipeline: object  # the pipeline trained in place (its unet still carries an unfused LoRA if any)
 
 
+def check_mixed_precision(precision: str | None) -> None:
+    """fp16 on a CPU: accelerate would run it with the frozen towers in fp16 and no autocast, and fail
+    mid-step on a dtype mismatch."""
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not (
+        torch.cuda.is_available() or torch.backends.mps.is_available()
+    )
+    if precision == "fp16" and on_cpu:
+        raise TrainingInputError("--mixed_precision fp16 needs a GPU; on a CPU use bf16 or no")
+
+
 def train(args: argparse.Namespace) -> TrainingResult:
     """Runs the whole training; the saved pipeline is in ``output_dir``."""
     from accelerate import Accelerator
@@ -84,6 +95,7 @@ def train(args: argparse.Namespace) -> TrainingResult:
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
+    check_mixed_precision(args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION"))
     output_dir = Path(args.output_dir)
     report_to = None if args.report_to in ("none", "") else args.report_to
     accelerator = Accelerator(
