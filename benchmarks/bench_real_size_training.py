@@ -160,6 +160,7 @@ def one_lever_set(args) -> dict:
     params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     batch = make_batch(args.batch_size, args.resolution)
+    vae_encoder = nbytes(c["vae"].encoder.parameters())  # what caching latents lets go
     encoder.cache_latents = lv.get("latents_cached", False)
     if lv.get("text_cached"):  # the fixed captions, embedded once; the text encoder then leaves memory
         encoder._text_embeds(batch["caption"])
@@ -167,7 +168,7 @@ def one_lever_set(args) -> dict:
     if encoder.cache_latents:  # fixed crops: latents once; the VAE is not needed during training steps
         with torch.no_grad(), autocast(args.device, dtype):
             encoder._latent_params(batch["pixel_values"].to(args.device), batch["key"])
-        c["vae"].encoder.to("meta")
+        c["vae"].encoder = None  # gone (moving it to "meta" would make vae.device, the batch's device, meta)
     frozen = {name: nbytes(p for p in c[name].parameters() if not p.requires_grad and not p.is_meta)
               for name in ("unet", "vae", "text_encoder", "image_encoder")}  # fmt: skip
 
@@ -193,7 +194,7 @@ def one_lever_set(args) -> dict:
         "trainable": nbytes(params),
         "optimizer_state": opt_state,
         "activations": peak - before,
-        "vae_encoder": nbytes(c["vae"].encoder.parameters()),  # what caching latents lets go
+        "vae_encoder": vae_encoder,
         "seconds": seconds,
     }
 
@@ -205,7 +206,10 @@ def memory_main(args) -> list[dict]:
         cmd = [sys.executable, __file__, "_one", "--lever", name, "--device", args.device,
                "--threads", str(args.threads), "--resolution", str(args.resolution),
                "--batch-size", str(args.batch_size), "--lora-rank", str(args.lora_rank)]  # fmt: skip
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            print(f"  {name}: FAILED\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)
+            continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"  {name}: done ({rows[-1]['seconds']:.1f} s step)", file=sys.stderr, flush=True)
     gb = 1 / 2**30

@@ -80,6 +80,9 @@ def test_train_py_mixed_precision_on_cuda_trains_and_exports_fp32_weights(tmp_pa
     from axf_pipeline.training import parse_args
     from axf_pipeline.training.loop import train
 
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # one process, two precisions: accelerate's state is a singleton
     fx = make_training_setup(tmp_path)
     out = tmp_path / "run"
     result = train(parse_args(training_argv(fx, out, "--max_train_steps", "3", "--mixed_precision", precision)))
