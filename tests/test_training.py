@@ -325,6 +325,38 @@ def test_cached_latents_give_the_same_step_inputs(fixture):
     assert torch.equal(a.noisy_latents, b.noisy_latents) and torch.equal(a.target, b.target)
 
 
+def test_decoded_image_cache_gives_the_same_examples_and_decodes_each_row_once(fixture):
+    data = select_training_data(load_mvtec_caption(str(fixture["dataset"]), "ad", str(fixture["cache"])))
+
+    class Counting:  # a datasets.Dataset that counts the rows it decodes
+        def __init__(self, dataset):
+            self.dataset, self.reads = dataset, 0
+            self.column_names = dataset.column_names
+
+        def select_columns(self, columns):
+            return self.dataset.select_columns(columns)
+
+        def __len__(self):
+            return len(self.dataset)
+
+        def __getitem__(self, index):
+            self.reads += 1
+            return self.dataset[index]
+
+    cached, uncached = Counting(data.train), Counting(data.train)
+    with_cache = AnomalyTrainingDataset(cached, 32)
+    without = AnomalyTrainingDataset(uncached, 32, decoded_cache_mb=0)
+    for epoch in range(3):
+        with_cache.set_epoch(epoch)
+        without.set_epoch(epoch)
+        for i in range(len(with_cache)):
+            a, b = with_cache[i], without[i]
+            assert a["key"] == b["key"] and a["caption"] == b["caption"]
+            for k in ("pixel_values", "mask", "reference", "reference_mask", "has_reference"):
+                assert torch.equal(a[k], b[k]), (epoch, i, k)
+    assert cached.reads == len(data.train)  # each row decoded once, then served from memory
+    assert uncached.reads == 3 * 2 * len(data.train)  # item + reference, every epoch
+
 # ---- one run per folder, atomic export (issue 11 items 2, 3, 13) ------------------------------------------
 def _copy_run(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, symlinks=True)  # the pipeline's names are relative links into exports/current

@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
         "use ~1e-4 with a real base model (then a UNet LoRA of rank 8 is trained, not the UNet).",
     )
     p.add_argument("--inference_steps", type=int, default=20, help="DDIM steps per synthesis.")
-    p.add_argument("--guidance_scale", type=float, default=3.0, help="Classifier-free guidance.")
+    p.add_argument("--guidance_scale", type=float, default=4.0, help="Classifier-free guidance.")
     p.add_argument("--synthesis_batch", type=int, default=32, help="Images per pipeline call.")
     p.add_argument("--ema_decay", type=float, default=0.999,
                    help="train.py --use_ema with this decay; 0 = no EMA.")  # fmt: skip

@@ -154,6 +154,7 @@ def train(args: argparse.Namespace) -> TrainingResult:
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
+        foreach=True,  # one kernel per step for all tensors; torch's CPU default is one per tensor
     )
     # Stepped once per optimizer step by this loop (not prepared, so accelerate doesn't step it per process).
     lr_scheduler = get_scheduler(
@@ -168,7 +169,7 @@ def train(args: argparse.Namespace) -> TrainingResult:
     if args.use_ema:  # an average of the trained weights: saved and resumed with each checkpoint, exported
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(params, decay=args.ema_decay)
+        ema = EMAModel(params, decay=args.ema_decay, foreach=True)
         accelerator.register_for_checkpointing(ema)
     ckpt.register_hooks(accelerator, accelerator.unwrap_model)
 
