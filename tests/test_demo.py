@@ -109,7 +109,10 @@ def test_short_demo_learns_text_control_above_chance_and_writes_both_tables(tmp_
             assert 0.0 <= row[key] <= 1.0, (name, key, row[key])
         # the test set: the evaluation fold (2 of 3 per type) + 4 good test images + the held-out normals
         evaluation_fold = 2 * per_type // 3 * n_types
-        assert (row["n_images"], row["n_anomalous_images"]) == (evaluation_fold + 4 + held_out, evaluation_fold)
+        assert (row["n_images"], row["n_anomalous_images"]) == (
+            evaluation_fold + 4 + held_out,
+            evaluation_fold,
+        )
     for name in ROWS:
         assert sum(line.startswith(f"| {name} (") for line in table.splitlines()) == 1, name
     assert "pixel AP" in table and "| generator training |" in table and "| total |" in table
@@ -119,7 +122,8 @@ def test_short_demo_learns_text_control_above_chance_and_writes_both_tables(tmp_
         "ground_truth", p.parent.name, p.stem + "_mask.png").is_file() for p in synthesized)  # fmt: skip
     assert Image.open(downstream["pr_curves"]).width > 0
     maps = Image.open(downstream["maps"])
-    assert maps.width == 5 * maps.height // (n_types + 3)  # image | truth | 3 maps; title row + types + 2 normals
+    # image | truth | 3 maps; title row + types + 2 normals
+    assert maps.width == 5 * maps.height // (n_types + 3)
     # the dataset went through the builder and export; the model through train.py's code
     assert (out / "mvtec_caption" / "README.md").is_file()
     pipe = AnomalyXFusionPipeline.from_pretrained(result["pipeline"])

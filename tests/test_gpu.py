@@ -73,19 +73,19 @@ def test_model_cpu_offload_on_cuda_matches_the_pipeline_kept_on_the_gpu():
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_train_py_mixed_precision_on_cuda_trains_and_exports_fp32_weights(tmp_path, precision):
-    from training_setup import make_training_setup, training_argv
-
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
+    from training_setup import make_training_setup, training_argv
 
     from axf_pipeline.training import parse_args
     from axf_pipeline.training.loop import train
 
-    from accelerate.state import AcceleratorState
-
     AcceleratorState._reset_state(True)  # one process, two precisions: accelerate's state is a singleton
     fx = make_training_setup(tmp_path)
     out = tmp_path / "run"
-    result = train(parse_args(training_argv(fx, out, "--max_train_steps", "3", "--mixed_precision", precision)))
+    result = train(
+        parse_args(training_argv(fx, out, "--max_train_steps", "3", "--mixed_precision", precision))
+    )
     assert result.global_step == 3
     loaded = AnomalyXFusionPipeline.from_pretrained(out)
     for name in ("mif", "ddf"):

@@ -245,8 +245,11 @@ def test_sampler_deals_disjoint_batches_and_skips_exactly():
         ({"drop": "mask"}, "lacks the column(s) ['mask']"),
         ({"drop": "caption"}, "lacks the column(s) ['caption']"),
         ({"base": "no_unet"}, "unet"),
-        pytest.param({"--mixed_precision": "fp16"}, "--mixed_precision fp16 needs a GPU",
-                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only refusal")),
+        pytest.param(
+            {"--mixed_precision": "fp16"},
+            "--mixed_precision fp16 needs a GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only refusal"),
+        ),
     ],
 )
 def test_bad_input_fails_at_start_up(fixture, tmp_path, change, message):
@@ -356,6 +359,7 @@ def test_decoded_image_cache_gives_the_same_examples_and_decodes_each_row_once(f
                 assert torch.equal(a[k], b[k]), (epoch, i, k)
     assert cached.reads == len(data.train)  # each row decoded once, then served from memory
     assert uncached.reads == 3 * 2 * len(data.train)  # item + reference, every epoch
+
 
 # ---- one run per folder, atomic export (issue 11 items 2, 3, 13) ------------------------------------------
 def _copy_run(src: Path, dst: Path) -> Path:
