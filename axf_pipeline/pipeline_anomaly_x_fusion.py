@@ -62,6 +62,47 @@ class AnomalyXFusionPipelineOutput(BaseOutput):
     masks: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
+def guidance_branches(
+    use_text: bool, has_reference: bool, text_scale: float, reference_scale: float
+) -> tuple[tuple[str, ...], float]:
+    """Which conditions the UNet sees per step, and the weight of a two-branch combination.
+
+    Branches: ``"uncond"`` (no caption, no reference), ``"reference"`` (no caption, the reference) and
+    ``"full"`` (caption and reference). Three are needed only when both conditions are present and their
+    scales differ; with equal scales the formula of :func:`combine_guidance` is plain CFG over two
+    branches, and a missing condition leaves the other's scale alone. A scale ``<= 1`` on the only
+    guided condition means no guidance (one pass), as in diffusers.
+    """
+    if use_text and has_reference and text_scale != reference_scale:
+        return ("uncond", "reference", "full"), text_scale
+    if use_text and not (has_reference and text_scale == reference_scale):
+        scale = text_scale
+    elif has_reference:
+        scale = reference_scale
+    else:
+        return ("full",), 1.0
+    return (("uncond", "full"), scale) if scale > 1 else (("full",), 1.0)
+
+
+def combine_guidance(
+    noise_pred: torch.Tensor,
+    branches: tuple[str, ...],
+    text_scale: float,
+    reference_scale: float,
+    scale: float,
+) -> torch.Tensor:
+    """Two-condition guidance as in InstructPix2Pix, over the branches stacked along the batch:
+    ``ε = ε(∅,∅) + s_ref·(ε(∅,ref) − ε(∅,∅)) + s_txt·(ε(txt,ref) − ε(∅,ref))``; with two branches it is
+    ``ε(∅,∅) + scale·(ε(full) − ε(∅,∅))``."""
+    parts = dict(zip(branches, noise_pred.chunk(len(branches)), strict=True))
+    if len(branches) == 1:
+        return parts["full"]
+    if len(branches) == 2:
+        return parts["uncond"] + scale * (parts["full"] - parts["uncond"])
+    uncond, reference, full = parts["uncond"], parts["reference"], parts["full"]
+    return uncond + reference_scale * (reference - uncond) + text_scale * (full - reference)
+
+
 def _vae_latents(encoder_output) -> torch.Tensor:
     # The known image is encoded to its posterior mean: deterministic, no generator draw.
     if hasattr(encoder_output, "latent_dist"):
@@ -295,10 +336,14 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
         return self._guidance_scale
 
     @property
+    def reference_guidance_scale(self):
+        return self._reference_guidance_scale
+
+    @property
     def do_classifier_free_guidance(self):
-        """``guidance_scale > 1`` and something to guide towards: the text, or a reference. Without
-        either (a no-text model called without reference) both branches would be identical."""
-        return self._guidance_scale > 1 and getattr(self, "_guidance_has_target", True)
+        """More than one branch per step (see :func:`guidance_branches`): a scale above 1 and something
+        to guide towards, the text or a reference."""
+        return len(getattr(self, "_guidance_branches", ("uncond", "full"))) > 1
 
     @property
     def use_text(self) -> bool:
@@ -466,11 +511,14 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
         callback_on_step_end_tensor_inputs,
         guidance_scale: float = 1.0,
         reference_image_embeds=None,
+        reference_guidance_scale: float | None = None,
     ):
-        if not guidance_scale >= 0:
-            raise ValueError(
-                f"guidance_scale must be >= 0, got {guidance_scale} (values <= 1 mean no guidance)"
-            )
+        for name, value in (
+            ("guidance_scale", guidance_scale),
+            ("reference_guidance_scale", reference_guidance_scale),
+        ):
+            if value is not None and not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value} (values <= 1 mean no guidance)")
         if not 0 <= strength <= 1:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         if num_inference_steps < 1:
@@ -618,6 +666,7 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
         strength: float = 1.0,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
+        reference_guidance_scale: float | None = None,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         eta: float = 0.0,
@@ -664,11 +713,13 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
                 around the mask padded by this many pixels and widened to ``width/height``'s aspect ratio.
                 Either way the region is pasted back and the result equals the input outside the mask.
             strength: 1.0 starts from pure noise; lower values start from the noised image.
-            guidance_scale: classifier-free guidance weight, >= 0 (> 1 enables it; it is skipped when there
-                is nothing to guide: no text condition and no reference). The unconditional branch
-                sees the negative prompt (default ``""``) in both the prompt tokens and e_sem, the same
-                mask, and no reference (zero image embedding): guidance pushes towards the caption and
-                the reference texture, while the location is kept in both branches.
+            guidance_scale: the text's guidance weight ``s_txt``, >= 0 (> 1 enables it). The unconditional
+                branch sees the negative prompt (default ``""``) in both the prompt tokens and e_sem, the
+                same mask, and no reference (zero image embedding); the location is kept in every branch.
+            reference_guidance_scale: the reference's weight ``s_ref`` in two-condition guidance
+                ``ε(∅,∅) + s_ref·(ε(∅,ref) − ε(∅,∅)) + s_txt·(ε(txt,ref) − ε(∅,ref))``. ``None`` (default):
+                equal to ``guidance_scale``, which is plain classifier-free guidance towards caption and
+                reference together (two UNet passes per step); a different value costs a third pass.
             num_images_per_prompt: samples per input; outputs are ordered input-major.
             generator, latents: randomness, as in diffusers (``latents`` are the initial noise).
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds:
@@ -705,6 +756,7 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
             callback_on_step_end_tensor_inputs,
             guidance_scale,
             reference_image_embeds,
+            reference_guidance_scale,
         )
         images = ip.images_to_tensors(image, "image")
         masks = ip.masks_to_tensors(mask_image, "mask_image")
@@ -735,8 +787,14 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
         width = width or self.unet.config.sample_size * self.vae_scale_factor
 
         self._guidance_scale = guidance_scale
+        self._reference_guidance_scale = (
+            guidance_scale if reference_guidance_scale is None else reference_guidance_scale
+        )
         has_reference = references is not None or reference_image_embeds is not None
-        self._guidance_has_target = self.use_text or has_reference
+        self._guidance_branches, two_branch_scale = guidance_branches(
+            self.use_text, has_reference, self._guidance_scale, self._reference_guidance_scale
+        )
+        branches = self._guidance_branches
         self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
         device = self._execution_device
@@ -770,8 +828,11 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
                 pooled_prompt_embeds=pooled_prompt_embeds,
                 negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
             )
-        if self.do_classifier_free_guidance and prompt_embeds is not None:
-            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+        if self.do_classifier_free_guidance and prompt_embeds is not None:  # one slice per branch
+            prompt_embeds = torch.cat(
+                [prompt_embeds if b == "full" else negative_prompt_embeds for b in branches]
+            )
+            pooled = torch.cat([pooled if b == "full" else negative_pooled for b in branches])
 
         # 3. Timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -813,18 +874,11 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
                 image_embeds = image_embeds.expand(batch_size, -1)
             image_embeds = image_embeds.repeat_interleave(num_images_per_prompt, 0)
         mif_mask = gen_mask.repeat_interleave(num_images_per_prompt, 0).to(self.mif.dtype)
-        if self.do_classifier_free_guidance:
-            uncond_image = None if image_embeds is None else torch.zeros_like(image_embeds)
-            if image_embeds is not None:
-                image_embeds = torch.cat([uncond_image, image_embeds])
-            x_embeds = x_embedding(
-                self.mif,
-                torch.cat([mif_mask, mif_mask]),
-                None if pooled is None else torch.cat([negative_pooled, pooled]),
-                image_embeds,
+        if image_embeds is not None and len(branches) > 1:  # the unconditional branch: zero embedding
+            image_embeds = torch.cat(
+                [torch.zeros_like(image_embeds) if b == "uncond" else image_embeds for b in branches]
             )
-        else:
-            x_embeds = x_embedding(self.mif, mif_mask, pooled, image_embeds)
+        x_embeds = x_embedding(self.mif, mif_mask.repeat(len(branches), 1, 1, 1), pooled, image_embeds)
 
         # 6. Latents; the VAE encodes once (image and, for inpainting UNets, the masked image together)
         num_channels_latents = self.vae.config.latent_channels
@@ -871,12 +925,12 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                cfg = self.do_classifier_free_guidance
-                latent_model_input = torch.cat([latents] * 2) if cfg else latents
+                n = len(branches)
+                latent_model_input = torch.cat([latents] * n) if n > 1 else latents
                 latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
                 if num_channels_unet == 9:
-                    m_in = torch.cat([mask] * 2) if cfg else mask
-                    mi_in = torch.cat([masked_image_latents] * 2) if cfg else masked_image_latents
+                    m_in = torch.cat([mask] * n) if n > 1 else mask
+                    mi_in = torch.cat([masked_image_latents] * n) if n > 1 else masked_image_latents
                     latent_model_input = torch.cat([latent_model_input, m_in, mi_in], dim=1)
                 encoder_hidden_states = cross_attention_states(
                     prompt_embeds, x_embeds, t, self.ddf, use_text=self.use_text
@@ -888,9 +942,13 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
                     cross_attention_kwargs=self.cross_attention_kwargs,
                     return_dict=False,
                 )[0]
-                if cfg:
-                    noise_uncond, noise_text = noise_pred.chunk(2)
-                    noise_pred = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
+                noise_pred = combine_guidance(
+                    noise_pred,
+                    branches,
+                    self._guidance_scale,
+                    self._reference_guidance_scale,
+                    two_branch_scale,
+                )
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[
                     0
                 ]

@@ -59,12 +59,13 @@ def test_mif_inputs_steer_the_embedding():
         mif(mask_batch(2), torch.randn(3, 24), None)
 
 
-def test_semantic_tokens_are_l2_normalised_repeats():
-    mif = tiny_mif(cross_attention_dim=24, num_attention_heads=4)  # same width: no projection
+def test_semantic_tokens_are_scaled_l2_normalised_repeats_with_a_learned_projection():
+    mif = tiny_mif(cross_attention_dim=24, num_attention_heads=4)  # same width: still a learned projection
+    assert isinstance(mif.semantic_proj, torch.nn.Linear)
     text = torch.randn(2, 24) * 10
     tokens = mif.semantic_tokens(text)
     assert tokens.shape == (2, 3, 24)
-    torch.testing.assert_close(tokens.norm(dim=-1), torch.ones(2, 3))
+    torch.testing.assert_close(tokens.norm(dim=-1), torch.full((2, 3), 24**0.5))
     assert torch.equal(tokens[:, 0], tokens[:, 2])
 
 
@@ -94,11 +95,21 @@ def test_modules_round_trip_through_safetensors(tmp_path):
     torch.testing.assert_close(ddf2(x, 5), ddf(x, 5))
 
 
-def test_semantic_tokens_are_unit_norm_after_the_projection_when_widths_differ():
+def test_semantic_tokens_have_the_scale_of_layernormed_tokens_and_a_learned_gain():
     mif = tiny_mif()  # text width 24, cross-attention width 32: e_sem goes through a projection
     assert isinstance(mif.semantic_proj, torch.nn.Linear)
     with torch.no_grad():
         mif.semantic_proj.weight.mul_(7.0)  # a projection that does not preserve norms
     tokens = mif.semantic_tokens(torch.randn(2, 24) * 10)
     assert tokens.shape == (2, 3, 32)
-    torch.testing.assert_close(tokens.norm(dim=-1), torch.ones(2, 3))
+    # eq. 1's L2 norm, then the gain at its initial sqrt(d): the norm of a LayerNorm'd token of width d
+    torch.testing.assert_close(tokens.norm(dim=-1), torch.full((2, 3), 32**0.5))
+    texture = mif.texture_tokens(torch.randn(2, mif.config.image_embed_dim))
+    assert 0.5 < (tokens.norm(dim=-1).mean() / texture.norm(dim=-1).mean()).item() < 2.0
+    tokens.sum().backward()
+    assert mif.semantic_gain.grad is not None and mif.semantic_gain.grad.abs().sum() > 0
+    with torch.no_grad():
+        mif.semantic_gain.mul_(0.5)
+    torch.testing.assert_close(
+        mif.semantic_tokens(torch.randn(2, 24)).norm(dim=-1), torch.full((2, 3), 0.5 * 32**0.5)
+    )

@@ -51,7 +51,13 @@ argv = training_argv
 def test_fixed_batch_loss_goes_down_and_only_trained_params_change(fixture):
     data = select_training_data(load_mvtec_caption(str(fixture["dataset"]), "ad", str(fixture["cache"])))
     dataset = AnomalyTrainingDataset(
-        data.train, 32, crop_jitter=0, random_flip=False, reference_drop_prob=0, caption_drop_prob=0
+        data.train,
+        32,
+        crop_jitter=0,
+        random_flip=False,
+        reference_drop_prob=0,
+        caption_drop_prob=0,
+        joint_drop_prob=0,
     )
     batch = collate([dataset[i] for i in range(4)])
     c = build_tiny_components(scheduler="ddpm")

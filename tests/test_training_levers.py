@@ -94,7 +94,13 @@ def test_min_snr_weights_follow_the_paper_and_weight_the_loss_per_example():
 def _batch_and_encoder(fx, **kwargs):
     data = select_training_data(load_mvtec_caption(str(fx["dataset"]), "ad", str(fx["cache"])))
     dataset = AnomalyTrainingDataset(
-        data.train, 32, crop_jitter=0, random_flip=False, reference_drop_prob=0, caption_drop_prob=0
+        data.train,
+        32,
+        crop_jitter=0,
+        random_flip=False,
+        reference_drop_prob=0,
+        caption_drop_prob=0,
+        joint_drop_prob=0,
     )
     c = build_tiny_components(scheduler="ddpm")
     names = ("vae", "text_encoder", "tokenizer", "image_encoder", "feature_extractor", "scheduler")

@@ -137,38 +137,55 @@ def train_model(
 
 
 # ---- 4: synthesis -----------------------------------------------------------------------------------
-def synthesis_jobs(toy, dataset, size: int, seed: int) -> list[dict]:
-    """Every held-out normal image gets every caption once, each with its own square mask and a
-    reference defect from the generator fold whose colour and shape both differ from the caption's."""
-    rng = np.random.default_rng(seed + 1)
-    test = dataset["test"]
-    columns = test.select_columns(["defect_type", "fold", "is_anomaly"]).to_list()
-    refs = [
-        (i, r["defect_type"]) for i, r in enumerate(columns) if r["is_anomaly"] and r["fold"] == "generator"
-    ]
+def generator_references(dataset) -> list[tuple[int, str]]:
+    """(row, defect type) of every generator-fold anomaly: the only references synthesis may use."""
+    columns = dataset["test"].select_columns(["defect_type", "fold", "is_anomaly"]).to_list()
+    return [(i, r["defect_type"]) for i, r in enumerate(columns) if r["is_anomaly"] and r["fold"] == "generator"]
+
+
+def _job(normal, mask, caption: str, colour: str, shape: str, ref: dict) -> dict:
+    return {
+        "normal": normal,
+        "mask": mask,
+        "caption": caption,
+        "colour": colour,  # what the defect should show: the caption's (text jobs) or the reference's
+        "shape": shape,
+        "reference": ref["image"].convert("RGB"),
+        "reference_mask": ref["mask"],
+        "reference_type": ref["defect_type"],
+    }
+
+
+def text_jobs(normals: list[np.ndarray], dataset, size: int, seed: int) -> list[dict]:
+    """Text controllability: every normal image gets every caption once, each with its own square mask
+    and a reference defect whose colour and shape both differ from the caption's, so only the text can
+    carry them."""
+    rng = np.random.default_rng(seed)
+    test, refs = dataset["test"], generator_references(dataset)
     jobs = []
-    for path in toy.held_out_normals:
-        normal = np.asarray(Image.open(path).convert("RGB"))
+    for normal in normals:
         for colour in COLOURS:
             for shape in SHAPES:
                 choices = [
-                    i
-                    for i, kind in refs
-                    if not kind.startswith(colour + "_") and not kind.endswith("_" + shape)
+                    i for i, kind in refs if not kind.startswith(colour + "_") and not kind.endswith("_" + shape)
                 ]
                 ref = test[int(rng.choice(choices))]
-                jobs.append(
-                    {
-                        "normal": normal,
-                        "mask": square_mask(rng, size, 12),
-                        "caption": caption_for(colour, shape),
-                        "colour": colour,
-                        "shape": shape,
-                        "reference": ref["image"].convert("RGB"),
-                        "reference_mask": ref["mask"],
-                        "reference_type": ref["defect_type"],
-                    }
-                )
+                jobs.append(_job(normal, square_mask(rng, size, 12), caption_for(colour, shape), colour, shape, ref))
+    return jobs
+
+
+def reference_jobs(normals: list[np.ndarray], dataset, size: int, seed: int) -> list[dict]:
+    """Reference fidelity: every normal image gets a reference of every defect type and an empty
+    caption; the defect should take the reference's colour and shape."""
+    rng = np.random.default_rng(seed)
+    test, refs = dataset["test"], generator_references(dataset)
+    jobs = []
+    for normal in normals:
+        for colour in COLOURS:
+            for shape in SHAPES:
+                choices = [i for i, kind in refs if kind == f"{colour}_{shape}"]
+                ref = test[int(rng.choice(choices))]
+                jobs.append(_job(normal, square_mask(rng, size, 12), "", colour, shape, ref))
     return jobs
 
 

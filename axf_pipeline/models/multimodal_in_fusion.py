@@ -29,8 +29,11 @@ class MaskEncoder(nn.Module):
 class MultiModalInFusion(ModelMixin, ConfigMixin):
     r"""Builds the X-embedding ``e_X = concat(e_sem, e_loc, e_tex)`` refined by ``e_X + MLP(SelfAttn(e_X))``.
 
-    * semantic (eq. 1): the pooled CLIP text embedding, projected to ``d`` when widths differ, then
-      L2-normalised (so every e_sem token has unit norm), repeated ``k`` times;
+    * semantic (eq. 1): the pooled CLIP text embedding, projected to ``d`` by a learned linear layer,
+      L2-normalised, then scaled by a learned per-channel gain (initialised to ``sqrt(d)``), repeated
+      ``k`` times. The gain is ours, not the paper's: a unit-norm token beside LayerNorm'd tokens of norm
+      about ``sqrt(d)`` (the texture tokens, CLIP's own prompt tokens) barely moves cross-attention, so the
+      text reached the UNet only through the prompt tokens and learning it was left to the seed;
     * location (eq. 2): mask encoder + one conv (channels → ``k``) + one linear (grid → ``d``);
     * textural (eq. 3): the CLIP image embedding of ``reference ⊙ reference_mask`` projected to ``k × d``.
       Without a reference the projection sees a zero embedding, which training also shows it
@@ -60,7 +63,8 @@ class MultiModalInFusion(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"cross_attention_dim={d} must be divisible by num_attention_heads={num_attention_heads}"
             )
-        self.semantic_proj = nn.Linear(text_embed_dim, d) if text_embed_dim != d else nn.Identity()
+        self.semantic_proj = nn.Linear(text_embed_dim, d)
+        self.semantic_gain = nn.Parameter(torch.full((d,), float(d) ** 0.5))
         self.mask_encoder = MaskEncoder(tuple(mask_encoder_channels), mask_grid_size)
         self.location_conv = nn.Conv2d(mask_encoder_channels[-1], k, kernel_size=1)
         self.location_fc = nn.Linear(mask_grid_size * mask_grid_size, d)
@@ -76,7 +80,7 @@ class MultiModalInFusion(ModelMixin, ConfigMixin):
         return self.config.num_tokens * (3 if self.config.use_semantic else 2)
 
     def semantic_tokens(self, text_embeds: torch.Tensor) -> torch.Tensor:
-        e = F.normalize(self.semantic_proj(text_embeds), dim=-1)  # unit norm in the UNet's width
+        e = F.normalize(self.semantic_proj(text_embeds), dim=-1) * self.semantic_gain  # eq. 1, then the gain
         return e.unsqueeze(1).expand(-1, self.config.num_tokens, -1)
 
     def location_tokens(self, mask: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,19 @@ class TrainingInputError(ValueError):
     """Bad training input, found at start-up before any compute. The message names the flag or file."""
 
 
+def check_drop_probs(caption: float, reference: float, joint: float) -> tuple[float, float, float]:
+    """The three dropout probabilities are of exclusive events, so together they are at most 1."""
+    for name, value in (("caption", caption), ("reference", reference), ("joint", joint)):
+        if not 0.0 <= value <= 1.0:
+            raise TrainingInputError(f"--{name}_drop_prob must be in [0, 1], got {value}")
+    if caption + reference + joint > 1.0 + 1e-9:
+        raise TrainingInputError(
+            f"--caption_drop_prob {caption} + --reference_drop_prob {reference} + --joint_drop_prob {joint} "
+            "exceed 1: they are the probabilities of exclusive events"
+        )
+    return caption, reference, joint
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train AnomalyXFusion (MIF + DDF, optional UNet LoRA) on MVTec Caption. "
@@ -79,16 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument(
-        "--reference_drop_prob",
-        type=float,
-        default=0.1,
-        help="Probability of training with a zero image embedding, so sampling without a reference works.",
-    )
-    g.add_argument(
         "--caption_drop_prob",
         type=float,
         default=0.1,
-        help="Probability of an empty caption (classifier-free guidance at sampling).",
+        help="Probability of an empty caption with the reference kept: teaches the reference-only branch "
+        "of two-condition guidance (and sampling from a reference alone).",
+    )
+    g.add_argument(
+        "--reference_drop_prob",
+        type=float,
+        default=0.1,
+        help="Probability of a zero image embedding with the caption kept: teaches text-only sampling, and "
+        "makes the text carry the defect instead of copying the reference.",
+    )
+    g.add_argument(
+        "--joint_drop_prob",
+        type=float,
+        default=0.1,
+        help="Probability of dropping caption and reference together: the unconditional branch of guidance. "
+        "The three are exclusive events (sum <= 1).",
     )
     g.add_argument("--dataloader_num_workers", type=int, default=0)
     g.add_argument(
@@ -201,10 +223,11 @@ def check_args(args: argparse.Namespace) -> None:
         bad(f"--lora_rank must be >= 0, got {args.lora_rank}")
     if args.lora_rank and args.train_unet == "full":
         bad("--lora_rank and --train_unet full exclude each other: a fully trained UNet needs no LoRA")
-    for name in ("loss_mask_weight", "reference_drop_prob", "caption_drop_prob", "crop_jitter"):
+    for name in ("loss_mask_weight", "crop_jitter"):
         value = getattr(args, name)
         if value is not None and not 0.0 <= value <= 1.0:
             bad(f"--{name} must be in [0, 1], got {value}")
+    check_drop_probs(args.caption_drop_prob, args.reference_drop_prob, args.joint_drop_prob)
     if not 0.0 <= args.ema_decay < 1.0:
         bad(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     if args.snr_gamma is not None and args.snr_gamma <= 0:

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from ..image_processing import binarize_mask, crop_window, mask_box
-from .args import TrainingInputError
+from .args import TrainingInputError, check_drop_probs
 
 REQUIRED_COLUMNS = ("image", "mask", "caption", "category", "defect_type", "is_anomaly", "fold")
 
@@ -145,8 +145,9 @@ class AnomalyTrainingDataset(torch.utils.data.Dataset):
         seed: int = 0,
         crop_jitter: float = 0.25,
         random_flip: bool = True,
-        reference_drop_prob: float = 0.1,
         caption_drop_prob: float = 0.1,
+        reference_drop_prob: float = 0.1,
+        joint_drop_prob: float = 0.1,
         decoded_cache_mb: float = 1024,
     ):
         self.dataset = dataset
@@ -154,8 +155,7 @@ class AnomalyTrainingDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.crop_jitter = crop_jitter
         self.random_flip = random_flip
-        self.reference_drop_prob = reference_drop_prob
-        self.caption_drop_prob = caption_drop_prob
+        self.drop_probs = check_drop_probs(caption_drop_prob, reference_drop_prob, joint_drop_prob)
         self.epoch = 0
         meta = dataset.select_columns(["category", "defect_type", "path"] if "path" in dataset.column_names
                                       else ["category", "defect_type"]).to_dict()  # fmt: skip
@@ -207,15 +207,34 @@ class AnomalyTrainingDataset(torch.utils.data.Dataset):
         others = [j for j in group if j != index] or group
         ref_index = others[int(rng.integers(len(others)))]
         reference, reference_mask, _, _ = self._crop(ref_index, rng)
+        dropped = draw_dropped_condition(rng, *self.drop_probs)
         return {
             "pixel_values": pixels * 2 - 1,
             "mask": mask,
             "reference": reference,
             "reference_mask": reference_mask,
-            "has_reference": torch.tensor(rng.random() >= self.reference_drop_prob),
-            "caption": "" if rng.random() < self.caption_drop_prob else caption,
+            "has_reference": torch.tensor(dropped not in ("reference", "both")),
+            "caption": "" if dropped in ("caption", "both") else caption,
             "key": key,
         }
+
+
+def draw_dropped_condition(
+    rng: np.random.Generator, caption: float, reference: float, joint: float
+) -> str | None:
+    """Which condition an example trains without: ``"caption"`` (reference-only branch of guidance),
+    ``"reference"`` (text-only), ``"both"`` (the unconditional branch) or None (the full condition).
+
+    One draw decides, so each branch of two-condition guidance is shown with exactly its own probability
+    (independent drops would show the unconditional branch only ``p_caption · p_reference`` of the time)."""
+    u = rng.random()
+    if u < joint:
+        return "both"
+    if u < joint + caption:
+        return "caption"
+    if u < joint + caption + reference:
+        return "reference"
+    return None
 
 
 def collate(examples: list[dict]) -> dict:

@@ -179,8 +179,9 @@ def train(args: argparse.Namespace) -> TrainingResult:
         seed=args.seed,
         crop_jitter=args.crop_jitter,
         random_flip=args.random_flip,
-        reference_drop_prob=args.reference_drop_prob,
         caption_drop_prob=args.caption_drop_prob,
+        reference_drop_prob=args.reference_drop_prob,
+        joint_drop_prob=args.joint_drop_prob,
     )
     sampler = EpochBatchSampler(
         len(train_dataset),

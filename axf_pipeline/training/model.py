@@ -119,6 +119,7 @@ def set_trainable(
     mif.requires_grad_(True).train()
     if not mif.config.use_semantic:
         mif.semantic_proj.requires_grad_(False)  # unused without text; DDP rejects unused trainables
+        mif.semantic_gain.requires_grad_(False)
     if ddf is not None:
         _move(ddf, device, torch.float32)
         ddf.requires_grad_(True).train()
