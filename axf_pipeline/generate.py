@@ -38,7 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, type=Path, help="output folder (created)")
     parser.add_argument("--num-per-image", type=int, default=1, help="samples per image")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument(
+        "--guidance-scale", type=float, default=7.5, help="the text's guidance weight (<= 1: none)"
+    )
+    parser.add_argument(
+        "--reference-guidance-scale",
+        type=float,
+        default=None,
+        help="the reference's weight in two-condition guidance; default: --guidance-scale (plain CFG, 2 UNet passes; a different value costs a third)",
+    )
     parser.add_argument("--strength", type=float, default=1.0)
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
@@ -146,7 +154,7 @@ def _items(args: argparse.Namespace, pairs, sizes):
 
 def _settings(args: argparse.Namespace) -> dict:
     keys = ("model", "prompt", "negative_prompt", "reference_image", "reference_mask", "num_per_image",
-            "steps", "guidance_scale", "strength", "height", "width", "padding_mask_crop", "batch_size",
+            "steps", "guidance_scale", "reference_guidance_scale", "strength", "height", "width", "padding_mask_crop", "batch_size",
             "seed", "dtype", "lora")  # fmt: skip
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in ((k, getattr(args, k)) for k in keys)}
 
@@ -198,7 +206,8 @@ def _run(args: argparse.Namespace) -> int:
     summary = run_items(
         pipe, items, args.output, args.batch_size,
         dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-             guidance_scale=args.guidance_scale, strength=args.strength, height=args.height,
+             guidance_scale=args.guidance_scale, reference_guidance_scale=args.reference_guidance_scale,
+             strength=args.strength, height=args.height,
              width=args.width, padding_mask_crop=args.padding_mask_crop),
         desc=COMMAND, progress=not args.no_progress,
     )  # fmt: skip

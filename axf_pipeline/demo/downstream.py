@@ -58,7 +58,15 @@ def real_splits(export: Path, held_out_normals: list[Path]):
 
 
 def synthesise_anomalies(
-    pipe, export: Path, out: Path, n: int, steps: int, guidance: float, batch: int, seed: int
+    pipe,
+    export: Path,
+    out: Path,
+    n: int,
+    steps: int,
+    guidance: float,
+    batch: int,
+    seed: int,
+    reference_guidance: float | None = None,
 ):
     """N anomalies per defect type with ``axf synthesize``'s planning and core; returns evaluation Samples."""
     from ..evaluation.data import Sample
@@ -68,7 +76,12 @@ def synthesise_anomalies(
 
     source = SourceData(str(export), "ad")
     items = plan_items(source, select(source, None, None), n, seed, model="demo")
-    run_items(pipe, items, out, batch, {"num_inference_steps": steps, "guidance_scale": guidance})
+    call = {
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+        "reference_guidance_scale": reference_guidance,
+    }
+    run_items(pipe, items, out, batch, call)
     return [
         Sample(
             str(out / it.image_path),
@@ -111,7 +124,7 @@ def run_downstream(pipe, export: Path, toy, work: Path, args, budget: DetectorBu
     started = time.perf_counter()
     synthetic = synthesise_anomalies(
         pipe, export, work / "synthesized", budget.per_defect_type, args.inference_steps,
-        args.guidance_scale, args.synthesis_batch, budget.seed,
+        args.guidance_scale, args.synthesis_batch, budget.seed, args.reference_guidance_scale,
     )  # fmt: skip
     timings["downstream synthesis"] = time.perf_counter() - started
     sets = {ROWS[0]: synthetic}

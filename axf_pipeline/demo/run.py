@@ -30,7 +30,16 @@ from PIL import Image, ImageDraw
 
 from . import downstream as ds
 from .measure import outside_mask_change, read_defect
-from .toy_data import CATEGORY, COLOURS, SHAPES, caption_for, make_toy_tree, square_mask, vocabulary
+from .toy_data import (
+    CATEGORY,
+    COLOURS,
+    SHAPES,
+    caption_for,
+    make_toy_tree,
+    normal_image,
+    square_mask,
+    vocabulary,
+)
 
 # name -> train.py ablation flags (paper table 6)
 ABLATIONS = {
@@ -42,6 +51,7 @@ ABLATIONS = {
 }
 
 
+FRESH_SEED_OFFSET = 10_000  # the independent split's seed: never used for data, training or tuning
 _START = time.perf_counter()
 TIMINGS: dict[str, float] = {}  # stage -> wall seconds (summed over models with --ablation)
 
@@ -70,28 +80,45 @@ def build_dataset(work: Path, size: int, per_type: int, held_out: int, seed: int
 
 
 # ---- 3: model ---------------------------------------------------------------------------------------
-def tiny_base(work: Path, toy, size: int, vae_steps: int, seed: int) -> tuple[Path, Path]:
-    """A from-scratch Stable-Diffusion-layout checkpoint whose VAE has learnt to reconstruct the toy set."""
+def tiny_base(
+    work: Path, toy, size: int, vae_steps: int, seed: int, clip_steps: int = 300
+) -> tuple[Path, Path]:
+    """A from-scratch Stable-Diffusion-layout checkpoint whose VAE has learnt to reconstruct the toy set and
+    whose CLIP towers have learnt, contrastively, to tell its captions and defects apart."""
+    import json
+
     from ..tiny import build_tiny_components, save_tiny_base
+    from .clip import pretrain_clip
     from .vae import pretrain_vae
 
     components = build_tiny_components(sample_size=size, words=vocabulary(), seed=seed)
     # what a base model would have seen: normal training images and the generator fold, never the
     # evaluation fold (the toy tree's captions are per defect type, n images each)
-    images, masks = [], []
+    captions_of = json.loads(toy.captions_path.read_text())[CATEGORY]
+    images, masks, defects = [], [], []
     for path in sorted((toy.root / CATEGORY / "train" / "good").glob("*.png")):
         images.append(np.asarray(Image.open(path).convert("RGB")))
         masks.append(np.zeros(images[-1].shape[:2], np.uint8))
     for folder in sorted((toy.root / CATEGORY / "ground_truth").iterdir()):
         mask_paths = sorted(folder.glob("*_mask.png"))
-        for mask_path in mask_paths[: len(mask_paths) // 3]:
+        for i, mask_path in enumerate(mask_paths[: len(mask_paths) // 3]):
             image_path = toy.root / CATEGORY / "test" / folder.name / mask_path.name.replace("_mask", "")
             images.append(np.asarray(Image.open(image_path).convert("RGB")))
             masks.append(np.asarray(Image.open(mask_path)))
+            defects.append((images[-1], masks[-1], captions_of[folder.name][i]))
     losses = pretrain_vae(components["vae"], images, masks, steps=vae_steps, seed=seed)
     log(
         f"VAE pre-trained on {len(images)} images: weighted L1 {losses[0]:.3f} -> {np.mean(losses[-20:]):.3f}"
     )
+    if clip_steps:
+        images, masks, captions = (list(x) for x in zip(*defects, strict=True))
+        losses = pretrain_clip(
+            components["text_encoder"], components["tokenizer"], components["image_encoder"],
+            components["feature_extractor"], captions, images, masks, steps=clip_steps, seed=seed,
+        )  # fmt: skip
+        log(
+            f"CLIP towers pre-trained on {len(images)} captioned defects: loss {losses[0]:.3f} -> {np.mean(losses[-20:]):.3f}"
+        )
     return save_tiny_base(work / "base", components)
 
 
@@ -140,7 +167,9 @@ def train_model(
 def generator_references(dataset) -> list[tuple[int, str]]:
     """(row, defect type) of every generator-fold anomaly: the only references synthesis may use."""
     columns = dataset["test"].select_columns(["defect_type", "fold", "is_anomaly"]).to_list()
-    return [(i, r["defect_type"]) for i, r in enumerate(columns) if r["is_anomaly"] and r["fold"] == "generator"]
+    return [
+        (i, r["defect_type"]) for i, r in enumerate(columns) if r["is_anomaly"] and r["fold"] == "generator"
+    ]
 
 
 def _job(normal, mask, caption: str, colour: str, shape: str, ref: dict) -> dict:
@@ -167,10 +196,14 @@ def text_jobs(normals: list[np.ndarray], dataset, size: int, seed: int) -> list[
         for colour in COLOURS:
             for shape in SHAPES:
                 choices = [
-                    i for i, kind in refs if not kind.startswith(colour + "_") and not kind.endswith("_" + shape)
+                    i
+                    for i, kind in refs
+                    if not kind.startswith(colour + "_") and not kind.endswith("_" + shape)
                 ]
                 ref = test[int(rng.choice(choices))]
-                jobs.append(_job(normal, square_mask(rng, size, 12), caption_for(colour, shape), colour, shape, ref))
+                jobs.append(
+                    _job(normal, square_mask(rng, size, 12), caption_for(colour, shape), colour, shape, ref)
+                )
     return jobs
 
 
@@ -189,8 +222,21 @@ def reference_jobs(normals: list[np.ndarray], dataset, size: int, seed: int) -> 
     return jobs
 
 
+def normals_of(paths: list[Path]) -> list[np.ndarray]:
+    return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+
+
+def fresh_normals(seed: int, n: int, size: int) -> list[np.ndarray]:
+    """The independent split: normal images (and, through the job seeds, masks) made at a seed that no
+    choice was ever tuned on."""
+    rng = np.random.default_rng(seed + FRESH_SEED_OFFSET)
+    return [normal_image(rng, size) for _ in range(n)]
+
+
 @torch.no_grad()
-def synthesise(pipe, jobs: list[dict], steps: int, guidance: float, batch: int, seed: int) -> None:
+def synthesise(
+    pipe, jobs: list[dict], steps: int, guidance: float, batch: int, seed: int, reference_guidance=None
+) -> None:
     from tqdm.auto import tqdm
 
     pipe.set_progress_bar_config(disable=True)
@@ -204,6 +250,7 @@ def synthesise(pipe, jobs: list[dict], steps: int, guidance: float, batch: int, 
             reference_mask=[j["reference_mask"] for j in chunk],
             num_inference_steps=steps,
             guidance_scale=guidance,
+            reference_guidance_scale=reference_guidance,
             generator=torch.Generator().manual_seed(seed + start),
         )
         for job, image in zip(chunk, out.images, strict=True):
@@ -211,7 +258,9 @@ def synthesise(pipe, jobs: list[dict], steps: int, guidance: float, batch: int, 
 
 
 # ---- 5: measurement ---------------------------------------------------------------------------------
-def measure(jobs: list[dict]) -> dict:
+def measure(jobs: list[dict], name: str = "text_controllability") -> dict:
+    """Share of defects whose colour and shape (both, and each) match the job's target; ``name`` names the
+    share of both (text controllability for caption jobs, reference fidelity for reference jobs)."""
     colour_ok = shape_ok = both_ok = 0
     worst_outside = 0
     for job in jobs:
@@ -224,7 +273,7 @@ def measure(jobs: list[dict]) -> dict:
     n = len(jobs)
     return {
         "num_generated": n,
-        "text_controllability": both_ok / n,
+        name: both_ok / n,
         "colour_accuracy": colour_ok / n,
         "shape_accuracy": shape_ok / n,
         "chance_level": 1 / (len(COLOURS) * len(SHAPES)),
@@ -277,18 +326,41 @@ def write_grid(jobs: list[dict], path: Path, per_caption: int = 2, scale: int = 
     return path
 
 
+def measure_split(pipe, normals: list[np.ndarray], dataset, seed: int, args) -> tuple[dict, list[dict]]:
+    """Text controllability (caption jobs, conflicting references) and reference fidelity (empty caption,
+    a reference of each type) on one split of normal images, at the demo's guidance scales."""
+    text, reference = (
+        text_jobs(normals, dataset, args.size, seed + 1),
+        reference_jobs(normals, dataset, args.size, seed + 2),
+    )
+    for jobs in (text, reference):
+        synthesise(pipe, jobs, args.inference_steps, args.guidance_scale, args.synthesis_batch, seed,
+                   args.reference_guidance_scale)  # fmt: skip
+    results = measure(text)
+    fidelity = measure(reference, "reference_fidelity")
+    results["reference_fidelity"] = fidelity["reference_fidelity"]
+    results["reference_colour_accuracy"] = fidelity["colour_accuracy"]
+    results["reference_shape_accuracy"] = fidelity["shape_accuracy"]
+    results["reference_num_generated"] = fidelity["num_generated"]
+    results["max_outside_mask_change"] = max(
+        results["max_outside_mask_change"], fidelity["max_outside_mask_change"]
+    )
+    return results, text
+
+
 def run_one(name: str, flags: list[str], work: Path, base, encoder, export, toy, dataset, args) -> dict:
     from .. import AnomalyXFusionPipeline
 
     out = train_model(work, name, flags, base, encoder, export, args)
     pipe = AnomalyXFusionPipeline.from_pretrained(out)
     started = time.perf_counter()
-    jobs = synthesis_jobs(toy, dataset, args.size, args.seed)
-    synthesise(pipe, jobs, args.inference_steps, args.guidance_scale, args.synthesis_batch, args.seed)
-    metrics = {"model": name, **measure(jobs)}
+    metrics, jobs = measure_split(pipe, normals_of(toy.held_out_normals), dataset, args.seed, args)
+    fresh, _ = measure_split(pipe, fresh_normals(args.seed, args.fresh_normals, args.size), dataset,
+                             args.seed + FRESH_SEED_OFFSET, args)  # fmt: skip
+    metrics = {"model": name, **metrics, "fresh": fresh}
     metrics["grid"] = str(write_grid(jobs, work / "grids" / f"{out.name}.png"))
     metrics["pipeline"] = str(out)
-    timed("controllability synthesis + measure", started)
+    timed("controllability + fidelity synthesis, measure", started)
     return metrics, jobs, pipe, out.name
 
 
@@ -327,14 +399,18 @@ def write_report(work: Path, results: list[dict], started: float, args, downstre
         work / "metrics.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2, default=str))
     )
     table = [
-        "| model | text controllability | colour | shape | max change outside mask | downstream pixel AP |",
-        "|---|---|---|---|---|---|",
+        "| model | text controllability | colour | shape | reference fidelity | fresh split: text / reference "
+        "| max change outside mask | downstream pixel AP |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ap = r.get("downstream", {}).get("detectors", {}).get(ds.ROWS[0], {}).get("pixel_ap")
+        fresh = r["fresh"]
         table.append(
             f"| {r['model']} | {r['text_controllability']:.3f} | {r['colour_accuracy']:.3f} | "
-            f"{r['shape_accuracy']:.3f} | {r['max_outside_mask_change']} | "
+            f"{r['shape_accuracy']:.3f} | {r['reference_fidelity']:.3f} | "
+            f"{fresh['text_controllability']:.3f} / {fresh['reference_fidelity']:.3f} | "
+            f"{max(r['max_outside_mask_change'], fresh['max_outside_mask_change'])} | "
             + ("—" if ap is None else f"{100 * ap:.1f}")
             + " |"
         )
@@ -366,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--held_out_normals", type=int, default=16, help="Normal images that receive every caption."
     )
     p.add_argument("--vae_steps", type=int, default=200, help="VAE pre-training steps (from scratch).")
+    p.add_argument("--clip_steps", type=int, default=300,
+                   help="Contrastive pre-training steps of the tiny CLIP text and image towers (0: random towers).")  # fmt: skip
     p.add_argument("--train_steps", type=int, default=1000, help="AnomalyXFusion training steps.")
     p.add_argument("--batch_size", type=int, default=16, help="Training batch size.")
     p.add_argument(
@@ -376,7 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
         "use ~1e-4 with a real base model (then a UNet LoRA of rank 8 is trained, not the UNet).",
     )
     p.add_argument("--inference_steps", type=int, default=20, help="DDIM steps per synthesis.")
-    p.add_argument("--guidance_scale", type=float, default=4.0, help="Classifier-free guidance.")
+    p.add_argument("--guidance_scale", type=float, default=4.0, help="The text's guidance weight.")
+    p.add_argument("--reference_guidance_scale", type=float, default=None,
+                   help="The reference's guidance weight; default: --guidance_scale (plain CFG).")  # fmt: skip
+    p.add_argument("--fresh_normals", type=int, default=8,
+                   help="Normal images of the independent split (made at a seed no choice was tuned on).")  # fmt: skip
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="Run the whole demo once per seed (into OUTPUT_DIR/seed<N>) and write the mean, std "
+                   "and worst seed of every figure to OUTPUT_DIR/seeds.md and seeds.json.")  # fmt: skip
     p.add_argument("--synthesis_batch", type=int, default=32, help="Images per pipeline call.")
     p.add_argument("--ema_decay", type=float, default=0.999,
                    help="train.py --use_ema with this decay; 0 = no EMA.")  # fmt: skip
@@ -400,6 +485,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if (args.pretrained_model_name_or_path is None) != (args.image_encoder is None):
         raise SystemExit("--pretrained_model_name_or_path and --image_encoder go together")
+    if args.seeds:
+        from .seeds import run_seeds
+
+        return run_seeds(args, run_demo)
+    return run_demo(args)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """One whole demo at ``args.seed``; returns 0 and leaves metrics.json / results.md in ``args.output_dir``."""
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     TIMINGS.clear()
@@ -416,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         log("[3/7] tiny from-scratch base model (VAE pre-training)")
         t = time.perf_counter()
-        base, encoder = tiny_base(work, toy, args.size, args.vae_steps, args.seed)
+        base, encoder = tiny_base(work, toy, args.size, args.vae_steps, args.seed, args.clip_steps)
         timed("VAE pre-training", t)
     models = ABLATIONS if args.ablation else {"all (AnomalyXFusion)": []}
     results, baselines, main_rows = [], None, None

@@ -69,6 +69,7 @@ class ToyTree:
     root: Path
     captions_path: Path
     held_out_normals: list[Path]
+    validation_normals: list[Path]
 
 
 def make_toy_tree(
@@ -80,9 +81,11 @@ def make_toy_tree(
     train_normals: int = 16,
     test_normals: int = 4,
     held_out_normals: int = 16,
+    validation_normals: int = 8,
     seed: int = 0,
 ) -> ToyTree:
-    """Writes ``root/tile/{train,test,ground_truth}`` plus ``captions.json`` and held-out normal images."""
+    """Writes ``root/tile/{train,test,ground_truth}`` plus ``captions.json``, held-out normal images (what
+    is reported) and validation normal images (what choices are tuned on; no image in common)."""
     rng = np.random.default_rng(seed)
     root = Path(root)
     cat = root / CATEGORY
@@ -106,9 +109,14 @@ def make_toy_tree(
         path = root / "held_out" / f"{i:03d}.png"
         _save(normal_image(rng, size), path)
         held.append(path)
+    validation = []
+    for i in range(validation_normals):
+        path = root / "validation" / f"{i:03d}.png"
+        _save(normal_image(rng, size), path)
+        validation.append(path)
     captions_path = root / "captions.json"
     captions_path.write_text(json.dumps({CATEGORY: captions}, indent=1))
-    return ToyTree(root, captions_path, held)
+    return ToyTree(root, captions_path, held, validation)
 
 
 def _save(array: np.ndarray, path: Path) -> None:

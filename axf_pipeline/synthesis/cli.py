@@ -50,7 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--steps", type=int, default=50, help="denoising steps")
     parser.add_argument(
-        "--guidance-scale", type=float, default=7.5, help="classifier-free guidance (<= 1: none)"
+        "--guidance-scale", type=float, default=7.5, help="the text's guidance weight (<= 1: none)"
+    )
+    parser.add_argument(
+        "--reference-guidance-scale",
+        type=float,
+        default=None,
+        help="the reference's weight in two-condition guidance; default: --guidance-scale (plain CFG, 2 UNet passes; a different value costs a third)",
     )
     parser.add_argument(
         "--padding-mask-crop",
@@ -83,6 +89,7 @@ def settings_of(args: argparse.Namespace, categories: list[str], defect_types: l
         "seed": args.seed,
         "steps": args.steps,
         "guidance_scale": args.guidance_scale,
+        "reference_guidance_scale": args.reference_guidance_scale,
         "padding_mask_crop": args.padding_mask_crop,
         "batch_size": args.batch_size,
         "dtype": args.dtype,
@@ -142,7 +149,8 @@ def _run(args: argparse.Namespace) -> int:
     padding = None if args.padding_mask_crop < 0 else args.padding_mask_crop
     summary = run_items(
         pipe, items, args.output, args.batch_size,
-        dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale, padding_mask_crop=padding),
+        dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+             reference_guidance_scale=args.reference_guidance_scale, padding_mask_crop=padding),
         desc=COMMAND, progress=not args.no_progress, state=state,
     )  # fmt: skip
     state.wait_for_everyone()
