@@ -78,7 +78,7 @@ def test_short_demo_learns_text_control_above_chance_and_writes_both_tables(tmp_
     held_out, per_type = 3, 30
     argv = ["--output_dir", str(out), "--train_steps", "700", "--anomalies_per_type", str(per_type),
             "--held_out_normals", str(held_out), "--inference_steps", "10",
-            "--downstream_per_type", "2", "--detector_epochs", "1"]  # fmt: skip
+            "--downstream_per_type", "2", "--detector_epochs", "1", "--fresh_normals", "2"]  # fmt: skip
     assert main(argv) == 0
 
     report = json.loads((out / "metrics.json").read_text())
@@ -92,10 +92,21 @@ def test_short_demo_learns_text_control_above_chance_and_writes_both_tables(tmp_
     # the text controls colour and shape: at least three times chance (1/8), with the reference always wrong
     assert c >= 3 * result["chance_level"], result
     assert result["ic_lpips_random_backbone"]["real_score"] is False
+    # reference fidelity (empty caption, a reference of each type) and the independent fresh split
+    assert result["reference_num_generated"] == held_out * len(COLOURS) * len(SHAPES)
+    assert (
+        0.0
+        <= result["reference_fidelity"]
+        <= min(result["reference_colour_accuracy"], result["reference_shape_accuracy"])
+    )
+    fresh = result["fresh"]
+    assert fresh["num_generated"] == fresh["reference_num_generated"] == 2 * len(COLOURS) * len(SHAPES)
+    assert fresh["max_outside_mask_change"] == 0
+    assert 0.0 <= fresh["text_controllability"] <= 1.0 and 0.0 <= fresh["reference_fidelity"] <= 1.0
     grid = Image.open(result["grid"])
     assert grid.width > grid.height / len(COLOURS) and grid.height > 0
     table = (out / "results.md").read_text()
-    assert "text controllability" in table
+    assert "text controllability" in table and "reference fidelity" in table and "fresh split" in table
 
     # Downstream: three detectors with the same budget, exact finite metrics, written as table and pictures.
     from axf_pipeline.demo.downstream import ROWS
@@ -128,3 +139,36 @@ def test_short_demo_learns_text_control_above_chance_and_writes_both_tables(tmp_
     assert (out / "mvtec_caption" / "README.md").is_file()
     pipe = AnomalyXFusionPipeline.from_pretrained(result["pipeline"])
     assert pipe.ddf is not None and pipe.mif.config.use_semantic
+
+
+def test_seed_summary_reports_mean_std_and_the_worst_seed_of_every_figure():
+    import statistics
+
+    from axf_pipeline.demo.downstream import ROWS
+    from axf_pipeline.demo.seeds import summarise, summary_table
+
+    def result(text, fidelity, ap, perlin):
+        detectors = {ROWS[0]: {"pixel_ap": ap}, ROWS[1]: {"pixel_ap": perlin}, ROWS[2]: {"pixel_ap": 1.0}}
+        return {
+            "text_controllability": text, "colour_accuracy": text, "shape_accuracy": 1.0,
+            "reference_fidelity": fidelity, "fresh": {"text_controllability": text / 2, "reference_fidelity": 0.5},
+            "downstream": {"detectors": detectors},
+        }  # fmt: skip
+
+    per_seed = {
+        0: result(0.9, 0.8, 0.85, 0.60),
+        3: result(0.5, 0.9, 0.70, 0.65),
+        7: result(0.95, 0.7, 0.90, 0.70),
+    }
+    summary = summarise(per_seed)
+    text = summary["text controllability"]
+    assert text["per_seed"] == {0: 0.9, 3: 0.5, 7: 0.95}
+    assert text["mean"] == pytest.approx((0.9 + 0.5 + 0.95) / 3)
+    assert text["std"] == pytest.approx(statistics.stdev([0.9, 0.5, 0.95]))
+    assert (text["worst"], text["worst_seed"]) == (0.5, 3)
+    assert summary["reference fidelity"]["worst_seed"] == 7
+    gain = summary["pixel AP, AnomalyXFusion − Perlin"]
+    assert gain["per_seed"][3] == pytest.approx(5.0) and gain["worst_seed"] == 3
+    lines = summary_table(summary, [0, 3, 7], {0: 500.0, 3: 510.0, 7: 490.0})
+    assert lines[0].count("seed") == 3 and any(line.startswith("| text controllability |") for line in lines)
+    assert "0.500 (seed 3)" in next(line for line in lines if line.startswith("| text controllability |"))
