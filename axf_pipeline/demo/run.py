@@ -451,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VAE pre-training steps (from scratch); 200 left red reconstructed as yellow at seed 1.")  # fmt: skip
     p.add_argument("--clip_steps", type=int, default=300,
                    help="Contrastive pre-training steps of the tiny CLIP text and image towers (0: random towers).")  # fmt: skip
-    p.add_argument("--train_steps", type=int, default=1000, help="AnomalyXFusion training steps.")
+    p.add_argument("--train_steps", type=int, default=2000, help="AnomalyXFusion training steps.")
     p.add_argument("--batch_size", type=int, default=16, help="Training batch size.")
     p.add_argument(
         "--learning_rate",
@@ -461,9 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
         "use ~1e-4 with a real base model (then a UNet LoRA of rank 8 is trained, not the UNet).",
     )
     p.add_argument("--inference_steps", type=int, default=20, help="DDIM steps per synthesis.")
-    p.add_argument("--guidance_scale", type=float, default=4.0, help="The text's guidance weight.")
-    p.add_argument("--reference_guidance_scale", type=float, default=None,
-                   help="The reference's guidance weight; default: --guidance_scale (plain CFG).")  # fmt: skip
+    p.add_argument("--guidance_scale", type=float, default=7.0,
+                   help="The text's guidance weight (7 with --reference_guidance_scale 4: chosen on the validation split).")  # fmt: skip
+    p.add_argument("--reference_guidance_scale", type=float, default=4.0,
+                   help="The reference's guidance weight; a value other than --guidance_scale costs a third UNet pass.")  # fmt: skip
     p.add_argument("--fresh_normals", type=int, default=8,
                    help="Normal images of the independent split (made at a seed no choice was tuned on).")  # fmt: skip
     p.add_argument("--seeds", type=int, nargs="+", default=None,

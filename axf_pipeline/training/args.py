@@ -94,14 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--caption_drop_prob",
         type=float,
-        default=0.1,
+        default=0.25,
         help="Probability of an empty caption with the reference kept: teaches the reference-only branch "
         "of two-condition guidance (and sampling from a reference alone).",
     )
     g.add_argument(
         "--reference_drop_prob",
         type=float,
-        default=0.1,
+        default=0.35,
         help="Probability of a zero image embedding with the caption kept: teaches text-only sampling, and "
         "makes the text carry the defect instead of copying the reference.",
     )

@@ -145,8 +145,8 @@ class AnomalyTrainingDataset(torch.utils.data.Dataset):
         seed: int = 0,
         crop_jitter: float = 0.25,
         random_flip: bool = True,
-        caption_drop_prob: float = 0.1,
-        reference_drop_prob: float = 0.1,
+        caption_drop_prob: float = 0.25,
+        reference_drop_prob: float = 0.35,
         joint_drop_prob: float = 0.1,
         decoded_cache_mb: float = 1024,
     ):
