@@ -9,6 +9,8 @@ import io
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,7 @@ from axf_pipeline.tiny import build_tiny_components  # noqa: E402
 from mvtec_caption import export_dataset, make_sample_tree  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
+REPO = Path(__file__).resolve().parents[1]
 STEPS = 2
 
 
@@ -42,7 +45,12 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("app")
     os.environ.setdefault("HF_HOME", str(root / "hf_home"))
     tree = make_sample_tree(
-        root / "raw", "ad", categories=["bottle"], scale=32 / 900, n_train=4, captions_path=root / "captions.json"
+        root / "raw",
+        "ad",
+        categories=["bottle"],
+        scale=32 / 900,
+        n_train=4,
+        captions_path=root / "captions.json",
     )
     export_dataset("ad", tree.root, root / "export", tree.captions_path, cache_dir=root / "cache")
     AnomalyXFusionPipeline(**build_tiny_components()).save_pretrained(root / "model")
@@ -72,13 +80,19 @@ def normal_image(session) -> PIL.Image.Image:
 # ------------------------------------------------------------------ (1) logic, no server
 def test_mask_from_editor_is_the_union_of_painted_layer_pixels():
     size = (20, 16)
-    editor = {"background": PIL.Image.new("RGB", size), "layers": [layer(size, (2, 3, 6, 8)), layer(size, (10, 10, 12, 14))]}
+    editor = {
+        "background": PIL.Image.new("RGB", size),
+        "layers": [layer(size, (2, 3, 6, 8)), layer(size, (10, 10, 12, 14))],
+    }
     mask = np.asarray(mask_from_editor(editor))
     expected = np.zeros((16, 20), bool)
     expected[3:8, 2:6] = expected[10:14, 10:12] = True
     assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 255}
     assert np.array_equal(mask > 0, expected)
-    assert mask_from_editor({"background": PIL.Image.new("RGB", size), "layers": [layer(size, (0, 0, 0, 0))]}) is None
+    assert (
+        mask_from_editor({"background": PIL.Image.new("RGB", size), "layers": [layer(size, (0, 0, 0, 0))]})
+        is None
+    )
     assert mask_from_editor({"background": PIL.Image.new("RGB", size), "layers": []}) is None
 
 
@@ -104,7 +118,9 @@ def test_uploaded_mask_and_reference_from_the_dataset(session):
     ex = example(session, "bottle")
     normal = ex.editor["background"]
     assert ex.caption and ex.mask.size == normal.size and ex.reference_mask.size == ex.reference.size
-    out = synthesize(session, ex.editor, ex.mask, "", ex.reference, ex.reference_mask, steps=STEPS, guidance=2.0)
+    out = synthesize(
+        session, ex.editor, ex.mask, "", ex.reference, ex.reference_mask, steps=STEPS, guidance=2.0
+    )
     assert out.outside_change == 0
     assert np.array_equal(np.asarray(out.mask) > 0, np.asarray(ex.mask) > 0)
 
@@ -121,10 +137,14 @@ def test_reference_guidance_is_passed_only_to_a_pipeline_that_takes_it(session, 
     pipe = WithReferenceGuidance(**build_tiny_components())
     pipe.set_progress_bar_config(disable=True)
     other = Session(model="in memory", pipe=pipe)
-    synthesize(other, ex.editor, ex.mask, "a dent", ex.reference, steps=1, guidance=2.0, reference_guidance=5.5)
+    synthesize(
+        other, ex.editor, ex.mask, "a dent", ex.reference, steps=1, guidance=2.0, reference_guidance=5.5
+    )
     assert seen == {"reference_guidance_scale": 5.5}
     # the current pipeline has no such argument: the slider is ignored rather than failing the call
-    out = synthesize(session, ex.editor, ex.mask, "a dent", ex.reference, steps=1, guidance=2.0, reference_guidance=5.5)
+    out = synthesize(
+        session, ex.editor, ex.mask, "a dent", ex.reference, steps=1, guidance=2.0, reference_guidance=5.5
+    )
     assert out.outside_change == 0
 
 
@@ -229,7 +249,9 @@ def test_dataset_browser_on_the_export_and_on_a_synthesized_set(session, setup, 
     assert first[0] == 2  # finished items counted at once
     assert {p: p.read_bytes() for p in made} == before and {p: p.stat().st_mtime_ns for p in made} == stamps
     # other settings into the same folder: refused with the command's message, in one line
-    changed_args = batch_args(session, str(out), "bottle", defect, 2, steps=STEPS + 1, guidance=1.0, batch_size=2)
+    changed_args = batch_args(
+        session, str(out), "bottle", defect, 2, steps=STEPS + 1, guidance=1.0, batch_size=2
+    )
     with pytest.raises(AppError, match="Refusing to resume"):
         list(run_batch(session, changed_args, poll_seconds=0.05))
 
@@ -248,6 +270,17 @@ def test_axf_app_without_a_model_says_how_to_make_the_demo(tmp_path, monkeypatch
     assert code == 2 and "has no model_index.json" in err.getvalue() and "Traceback" not in err.getvalue()
 
 
+def test_the_package_and_axf_help_do_not_import_gradio():
+    code = (
+        "import sys, axf_pipeline, axf_pipeline.app, axf_pipeline.cli as cli\n"
+        "cli.build_parser()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('gradio', 'gradio_client')))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
 # ------------------------------------------------------------------ (2) a real server, gradio_client
 def free_port() -> int:
     with socket.socket() as s:
@@ -257,11 +290,10 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def served(session):
-    from axf_pipeline.app import build_app
+    from axf_pipeline.app import launch
 
-    app = build_app(session).queue()
     port = free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    app = launch(session, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
@@ -283,7 +315,9 @@ def test_synthesize_endpoint_over_http(session, tmp_path):
         # bad input: the server answers with a message and keeps serving
         empty = {"background": handle_file(str(tmp_path / "normal.png")), "layers": [], "composite": None}
         bad = client.predict(empty, None, "a scratch", None, None, STEPS, 1.0, 1.0, 0, api_name="/synthesize")
-        again = client.predict(editor, None, "a scratch", None, None, STEPS, 1.0, 1.0, 0, api_name="/synthesize")
+        again = client.predict(
+            editor, None, "a scratch", None, None, STEPS, 1.0, 1.0, 0, api_name="/synthesize"
+        )
         client.close()
     assert message.startswith("Done") and outside == 0
     result = np.asarray(PIL.Image.open(out_result).convert("RGB"))
@@ -291,7 +325,10 @@ def test_synthesize_endpoint_over_http(session, tmp_path):
     expected = np.zeros_like(mask)
     expected[6:16, 6:18] = True
     assert np.array_equal(mask, expected)
-    assert np.array_equal(result[~mask], np.asarray(normal)[~mask]) and (result[mask] != np.asarray(normal)[mask]).any()
+    assert (
+        np.array_equal(result[~mask], np.asarray(normal)[~mask])
+        and (result[mask] != np.asarray(normal)[mask]).any()
+    )
     assert sorted(Path(f).name for f in files) == ["anomaly_seed0.png", "anomaly_seed0_mask.png"]
     assert bad[-1] == "**Error:** no mask: draw where the defect goes on the image, or upload a mask"
     assert np.array_equal(np.asarray(PIL.Image.open(again[2]).convert("RGB")), result)
@@ -315,9 +352,13 @@ def test_page_in_headless_chromium(session, tmp_path):
         try:
             page = context.new_page()
             page.goto(url, timeout=30_000)
-            page.get_by_role("button", name="Generate").click()
             message = page.locator("#synth-message")
+            page.get_by_role("button", name="Generate").click()
             message.get_by_text("no normal image").wait_for(timeout=20_000)
+            # a train normal picked from the dataset, nothing drawn: the page says so, the server goes on
+            page.locator("#normals .thumbnail-item").first.click()
+            page.get_by_role("button", name="Generate").click()
+            message.get_by_text("no mask: draw where the defect goes").wait_for(timeout=20_000)
             page.get_by_role("button", name="Load an example").click()
             page.wait_for_function(
                 "() => document.querySelector('#caption textarea').value.length > 0", timeout=20_000

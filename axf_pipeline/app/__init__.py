@@ -5,7 +5,7 @@ Optional extra (``pip install .[app]``); nothing else in the package imports thi
 
 from .logic import AppError, Session
 
-__all__ = ["AppError", "Session", "build_app"]
+__all__ = ["AppError", "Session", "build_app", "launch"]
 
 
 def build_app(session: Session):
@@ -13,3 +13,10 @@ def build_app(session: Session):
     from .ui import build_app as build
 
     return build(session)
+
+
+def launch(session: Session, **kwargs):
+    """Serves the page for ``session`` (``kwargs``: ``Blocks.launch``'s); returns the running Blocks."""
+    from .ui import launch as serve
+
+    return serve(session, **kwargs)

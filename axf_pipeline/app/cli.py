@@ -1,7 +1,7 @@
 """`axf app` / `python -m axf_pipeline.app`: serve the Gradio page on a model and dataset.
 
-    axf app --model DIR_OR_HUB_ID --dataset DIR_OR_HUB_ID [--config ad] [--port 7860]
-    axf app                      # the demo's model and dataset (outputs/demo), after `bash scripts/demo.sh`
+axf app --model DIR_OR_HUB_ID --dataset DIR_OR_HUB_ID [--config ad] [--port 7860]
+axf app                      # the demo's model and dataset (outputs/demo), after `bash scripts/demo.sh`
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ COMMAND = "axf app"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = __doc__
-    parser.add_argument("--model", default=None, help="AnomalyXFusion pipeline: folder or Hub id (default: the demo's)")
+    parser.add_argument(
+        "--model", default=None, help="AnomalyXFusion pipeline: folder or Hub id (default: the demo's)"
+    )
     parser.add_argument(
         "--dataset", default=None, help="MVTec Caption export or Hub id for normals and references (optional)"
     )
@@ -25,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--share", action="store_true", help="also a public gradio.live link")
 
 
-def serve(model: str | None, dataset: str | None, config: str | None, **launch) -> int:
+def serve(model: str | None, dataset: str | None, config: str | None, **launch_kwargs) -> int:
     """Load, then serve until stopped; a bad model or dataset is one line on stderr and exit code 2."""
     from .logic import DEMO_HINT, AppError, Session, demo_defaults
 
@@ -38,9 +40,11 @@ def serve(model: str | None, dataset: str | None, config: str | None, **launch) 
     try:
         import gradio  # noqa: F401
     except ImportError:
-        print(f"{COMMAND}: error: gradio is not installed: pip install 'anomalyxfusion[app]'", file=sys.stderr)
+        print(
+            f"{COMMAND}: error: gradio is not installed: pip install 'anomalyxfusion[app]'", file=sys.stderr
+        )
         return 2
-    from .ui import build_app
+    from .ui import launch
 
     session = Session()
     try:
@@ -48,7 +52,7 @@ def serve(model: str | None, dataset: str | None, config: str | None, **launch) 
     except AppError as err:
         print(f"{COMMAND}: error: {err}", file=sys.stderr)
         return 2
-    build_app(session).queue().launch(**launch)
+    launch(session, **launch_kwargs)
     return 0
 
 

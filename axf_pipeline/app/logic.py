@@ -38,7 +38,11 @@ class AppError(ValueError):
 def one_line(err: BaseException) -> str:
     """An exception as the one line the page shows (no traceback)."""
     text = " ".join(str(err).split()) or type(err).__name__
-    return text if isinstance(err, (AppError, ValueError, FileNotFoundError)) else f"{type(err).__name__}: {text}"
+    return (
+        text
+        if isinstance(err, (AppError, ValueError, FileNotFoundError))
+        else f"{type(err).__name__}: {text}"
+    )
 
 
 def demo_defaults(root: str | Path = ".") -> tuple[str, str] | None:
@@ -66,7 +70,11 @@ class Session:
         from ..synthesis.core import SynthesisError, check_model, load_pipeline
         from ..synthesis.source import SourceData
 
-        model, dataset, config = (model or "").strip(), (dataset or "").strip(), (config or "").strip() or None
+        model, dataset, config = (
+            (model or "").strip(),
+            (dataset or "").strip(),
+            (config or "").strip() or None,
+        )
         if not model:
             raise AppError("no model: give a saved AnomalyXFusion pipeline folder or a Hub id")
         try:
@@ -231,7 +239,10 @@ def synthesize(
         ).images[0]
     change = outside_mask_change(np.asarray(result.convert("RGB")), np.asarray(normal), np.asarray(mask))
     folder = Path(tempfile.mkdtemp(prefix="axf-app-"))
-    image_file, mask_file = folder / f"anomaly_seed{int(seed)}.png", folder / f"anomaly_seed{int(seed)}_mask.png"
+    image_file, mask_file = (
+        folder / f"anomaly_seed{int(seed)}.png",
+        folder / f"anomaly_seed{int(seed)}_mask.png",
+    )
     result.save(image_file, format="PNG")
     mask.save(mask_file, format="PNG")
     return Synthesis(normal, mask, result, change, image_file, mask_file)
@@ -421,7 +432,9 @@ def run_batch(session: Session, args, poll_seconds: float = 0.5):
     from ..synthesis.core import SynthesisError
 
     pipe, source = session.require_pipe(), session.require_source()
-    types = [args.defect_types[0]] if args.defect_types else sorted(source.all_types.get(args.categories[0], ()))
+    types = (
+        [args.defect_types[0]] if args.defect_types else sorted(source.all_types.get(args.categories[0], ()))
+    )
     total = args.num_per_defect_type * len(types)
     folders = [Path(args.output) / "mvtec" / args.categories[0] / "test" / t for t in types]
     failure: list[BaseException] = []

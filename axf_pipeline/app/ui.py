@@ -11,8 +11,21 @@ import logging
 
 import gradio as gr
 
-from .logic import AppError, Browser, Session, batch_args, example, one_line, run_batch, synthesize
-from .logic import normal_rows, normals, reference_rows, references, supports_reference_guidance
+from .logic import (
+    AppError,
+    Browser,
+    Session,
+    batch_args,
+    example,
+    normal_rows,
+    normals,
+    one_line,
+    reference_rows,
+    references,
+    run_batch,
+    supports_reference_guidance,
+    synthesize,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +34,9 @@ INTRO = (
     "Put a defect where you point, described in your words, like a reference you pick. "
     "The result equals the input outside the mask, pixel for pixel."
 )
+
+# small images (a 32-pixel toy set, a crop) fill their panel, pixels kept sharp
+CSS = ".scaled img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 
 
 def error(message: str) -> str:
@@ -53,7 +69,9 @@ def build_app(session: Session) -> gr.Blocks:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
         with gr.Accordion("Model and dataset", open=session.pipe is None):
             with gr.Row():
-                model_box = gr.Textbox(session.model or "", label="Model (pipeline folder or Hub id)", scale=3)
+                model_box = gr.Textbox(
+                    session.model or "", label="Model (pipeline folder or Hub id)", scale=3
+                )
                 dataset_box = gr.Textbox(
                     session.dataset or "", label="Dataset (MVTec Caption export or Hub id; optional)", scale=3
                 )
@@ -77,7 +95,9 @@ def build_app(session: Session) -> gr.Blocks:
                 with gr.Column(scale=2):
                     category = gr.Dropdown(label="Category (dataset)", choices=[], allow_custom_value=False)
                     example_button = gr.Button("Load an example", elem_id="example-button")
-                    normals_gallery = gr.Gallery(label="Train normals: click to use", columns=6, height=160)
+                    normals_gallery = gr.Gallery(
+                        label="Train normals: click to use", columns=6, height=160, elem_id="normals"
+                    )
                     references_gallery = gr.Gallery(
                         label="Reference defects (generator fold): click to use", columns=6, height=200
                     )
@@ -98,19 +118,24 @@ def build_app(session: Session) -> gr.Blocks:
             generate = gr.Button("Generate", variant="primary", elem_id="generate")
             message = gr.Markdown(elem_id="synth-message")
             with gr.Row():
-                out_normal = gr.Image(label="Normal", type="pil", format="png", interactive=False)
-                out_mask = gr.Image(label="Mask", type="pil", format="png", interactive=False)
-                out_result = gr.Image(
-                    label="Result", type="pil", format="png", interactive=False, elem_id="result"
+                shown_as = dict(
+                    type="pil", format="png", interactive=False, height=256, elem_classes="scaled"
                 )
+                out_normal = gr.Image(label="Normal", **shown_as)
+                out_mask = gr.Image(label="Mask", **shown_as)
+                out_result = gr.Image(label="Result", elem_id="result", **shown_as)
             with gr.Row():
-                outside = gr.Number(label="Largest change outside the mask (0 = kept exactly)", interactive=False)
+                outside = gr.Number(
+                    label="Largest change outside the mask (0 = kept exactly)", interactive=False
+                )
                 downloads = gr.File(label="Download image and mask (PNG)", file_count="multiple")
 
         with gr.Tab("Dataset"):
             with gr.Row():
                 browse_box = gr.Textbox(
-                    session.dataset or "", label="MVTec Caption export, `axf synthesize` output or Hub id", scale=3
+                    session.dataset or "",
+                    label="MVTec Caption export, `axf synthesize` output or Hub id",
+                    scale=3,
                 )
                 browse_config = gr.Textbox(session.config or "", label="Config (empty: default)", scale=1)
                 browse_button = gr.Button("Open", scale=1)
@@ -119,8 +144,10 @@ def build_app(session: Session) -> gr.Blocks:
                 browse_group = gr.Dropdown(label="Split / defect type", choices=[])
             browse_gallery = gr.Gallery(label="Images", columns=8, height=220)
             with gr.Row():
-                browse_image = gr.Image(label="Image", interactive=False)
-                browse_overlay = gr.Image(label="Mask overlay", interactive=False)
+                browse_image = gr.Image(label="Image", interactive=False, height=256, elem_classes="scaled")
+                browse_overlay = gr.Image(
+                    label="Mask overlay", interactive=False, height=256, elem_classes="scaled"
+                )
                 browse_info = gr.Markdown()
             browse_message = gr.Markdown(elem_id="browse-message")
             browser = gr.State(None)
@@ -134,7 +161,9 @@ def build_app(session: Session) -> gr.Blocks:
             )
             with gr.Row():
                 batch_category = gr.Dropdown(label="Category", choices=[])
-                batch_type = gr.Dropdown(label="Defect type (empty: all)", choices=[], allow_custom_value=True)
+                batch_type = gr.Dropdown(
+                    label="Defect type (empty: all)", choices=[], allow_custom_value=True
+                )
                 batch_n = gr.Number(4, label="N per defect type", precision=0)
             with gr.Row():
                 batch_output = gr.Textbox("outputs/app/batch", label="Output folder")
@@ -161,7 +190,9 @@ def build_app(session: Session) -> gr.Blocks:
             return (*categories_update(), gr.update(value=dataset), status)
 
         load_button.click(
-            on_load, [model_box, dataset_box, config_box], [category, batch_category, browse_box, load_message]
+            on_load,
+            [model_box, dataset_box, config_box],
+            [category, batch_category, browse_box, load_message],
         )
 
         @shown(3)
@@ -211,7 +242,17 @@ def build_app(session: Session) -> gr.Blocks:
 
         generate.click(
             on_generate,
-            [editor, mask_upload, caption, reference, reference_mask, steps, guidance, reference_guidance, seed],
+            [
+                editor,
+                mask_upload,
+                caption,
+                reference,
+                reference_mask,
+                steps,
+                guidance,
+                reference_guidance,
+                seed,
+            ],
             [out_normal, out_mask, out_result, outside, downloads, message],
             api_name="synthesize",
         )
@@ -240,7 +281,9 @@ def build_app(session: Session) -> gr.Blocks:
             return opened.thumbnails(name, group), opened.items(name, group), ""
 
         browse_group.change(
-            on_browse_group, [browser, browse_category, browse_group], [browse_gallery, shown_rows, browse_message]
+            on_browse_group,
+            [browser, browse_category, browse_group],
+            [browse_gallery, shown_rows, browse_message],
         )
 
         @shown(4)
@@ -248,7 +291,9 @@ def build_app(session: Session) -> gr.Blocks:
             return (*opened.detail(rows[evt.index]), "")
 
         browse_gallery.select(
-            on_browse_select, [browser, shown_rows], [browse_image, browse_overlay, browse_info, browse_message]
+            on_browse_select,
+            [browser, shown_rows],
+            [browse_image, browse_overlay, browse_info, browse_message],
         )
 
         @shown(2)
@@ -258,7 +303,18 @@ def build_app(session: Session) -> gr.Blocks:
 
         batch_category.change(on_batch_category, batch_category, [batch_type, batch_message])
 
-        def on_batch(name, defect, n, output, size, use_ref, n_steps, scale, seed_value, progress=gr.Progress()):
+        def on_batch(
+            name,
+            defect,
+            n,
+            output,
+            size,
+            use_ref,
+            n_steps,
+            scale,
+            seed_value,
+            progress=gr.Progress(),  # noqa: B008 (how Gradio injects a progress bar)
+        ):
             previews = []
             try:
                 args = batch_args(
@@ -268,7 +324,11 @@ def build_app(session: Session) -> gr.Blocks:
                     previews += [str(p) for p in new]
                     progress(done / max(total, 1), desc=f"{done}/{total}")
                     yield f"{done} / {total} made", previews[-48:], ""
-                yield f"{done} / {total} made", previews[-48:], f"Finished: `{args.output}` (dataset + `mvtec/`)"
+                yield (
+                    f"{done} / {total} made",
+                    previews[-48:],
+                    f"Finished: `{args.output}` (dataset + `mvtec/`)",
+                )
             except Exception as err:
                 if not isinstance(err, AppError):
                     logger.exception("batch failed")
@@ -276,9 +336,27 @@ def build_app(session: Session) -> gr.Blocks:
 
         batch_button.click(
             on_batch,
-            [batch_category, batch_type, batch_n, batch_output, batch_size, batch_reference, batch_steps, batch_guidance,
-             batch_seed],
+            [
+                batch_category,
+                batch_type,
+                batch_n,
+                batch_output,
+                batch_size,
+                batch_reference,
+                batch_steps,
+                batch_guidance,
+                batch_seed,
+            ],
             [batch_progress, batch_gallery, batch_message],
         )
-        app.load(lambda: (*categories_update(), session.status()), None, [category, batch_category, load_message])
+        app.load(
+            lambda: (*categories_update(), session.status()), None, [category, batch_category, load_message]
+        )
+    return app
+
+
+def launch(session: Session, **kwargs):
+    """Builds the page and serves it (``kwargs`` go to ``Blocks.launch``); returns the running Blocks."""
+    app = build_app(session).queue()
+    app.launch(css=CSS, **kwargs)
     return app
