@@ -8,11 +8,20 @@ import os
 import sys
 
 from axf_pipeline.app.cli import serve
+from axf_pipeline.app.logic import demo_defaults
 
 if __name__ == "__main__":
+    model = os.environ.get("AXF_MODEL") or None
+    if model is None and demo_defaults() is None:
+        print(
+            "app.py: set AXF_MODEL to an AnomalyXFusion pipeline (Hub id or folder) and optionally AXF_DATASET, "
+            "or run `bash scripts/demo.sh` first",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     sys.exit(
         serve(
-            os.environ.get("AXF_MODEL") or None,
+            model,
             os.environ.get("AXF_DATASET") or None,
             os.environ.get("AXF_DATASET_CONFIG") or "ad",
             server_name="0.0.0.0",

@@ -28,6 +28,8 @@ from axf_pipeline.app.logic import (  # noqa: E402
     batch_args,
     example,
     mask_from_editor,
+    normals,
+    references,
     run_batch,
     synthesize,
 )
@@ -123,6 +125,20 @@ def test_uploaded_mask_and_reference_from_the_dataset(session):
     )
     assert out.outside_change == 0
     assert np.array_equal(np.asarray(out.mask) > 0, np.asarray(ex.mask) > 0)
+    # what the page holds: files, written once; the same call from them gives the same result
+    editor, mask_file, reference_file, reference_mask_file = ex.files(session)
+    assert np.array_equal(np.asarray(PIL.Image.open(mask_file)), np.asarray(ex.mask))
+    assert np.array_equal(np.asarray(PIL.Image.open(editor["background"])), np.asarray(normal))
+    stamp = Path(mask_file).stat().st_mtime_ns
+    assert ex.files(session)[1] == mask_file and Path(mask_file).stat().st_mtime_ns == stamp
+    again = synthesize(
+        session, editor, mask_file, "", reference_file, reference_mask_file, steps=STEPS, guidance=2.0
+    )
+    assert np.array_equal(np.asarray(again.result), np.asarray(out.result))
+    thumbs = normals(session, "bottle")
+    assert len(thumbs) == 4 and all(Path(f).is_file() for f, _ in thumbs)
+    assert [label for _, label in thumbs] == [f"bottle/train/good/{i:03d}.png" for i in range(4)]
+    assert all(": " in label for _, label in references(session, "bottle"))
 
 
 def test_reference_guidance_is_passed_only_to_a_pipeline_that_takes_it(session, setup):
@@ -245,8 +261,8 @@ def test_dataset_browser_on_the_export_and_on_a_synthesized_set(session, setup, 
     # resume: the same batch again makes nothing and leaves the files as they were
     before = {p: p.read_bytes() for p in made}
     stamps = {p: p.stat().st_mtime_ns for p in made}
-    first = next(iter(run_batch(session, args, poll_seconds=0.05)))
-    assert first[0] == 2  # finished items counted at once
+    resumed = list(run_batch(session, args, poll_seconds=0.05))
+    assert resumed[0][0] == 2 and resumed[-1][:2] == (2, 2)  # finished items counted at once
     assert {p: p.read_bytes() for p in made} == before and {p: p.stat().st_mtime_ns for p in made} == stamps
     # other settings into the same folder: refused with the command's message, in one line
     changed_args = batch_args(
@@ -363,8 +379,11 @@ def test_page_in_headless_chromium(session, tmp_path):
             page.wait_for_function(
                 "() => document.querySelector('#caption textarea').value.length > 0", timeout=20_000
             )
+            steps = page.locator("#steps input[type=number]")
+            steps.fill(str(STEPS))
+            steps.press("Enter")
             page.get_by_role("button", name="Generate").click()
-            message.get_by_text("largest change outside the mask = 0").wait_for(timeout=40_000)
+            message.get_by_text("largest change outside the mask = 0").wait_for(timeout=90_000)
             page.locator("#result img").wait_for(timeout=10_000)
             shot = tmp_path / "app.png"
             page.screenshot(path=str(shot), full_page=True)

@@ -28,6 +28,7 @@ DEMO_HINT = (
     "or pass --model DIR_OR_HUB_ID [--dataset DIR_OR_HUB_ID]"
 )
 MAX_THUMBNAILS = 60
+THUMBNAIL = (192, 192)  # gallery pictures are sent small; a click loads the full image
 PROVENANCE = ("source_image", "reference", "mask_source", "seed", "model")
 
 
@@ -53,6 +54,25 @@ def demo_defaults(root: str | Path = ".") -> tuple[str, str] | None:
     return None
 
 
+class Pictures:
+    """PNG files of the pictures the page shows, each written once (atomically) and then reused.
+
+    Gradio serves a file it is given as it is, but re-encodes a PIL image into its cache on every event, in
+    place: a browser fetching the same picture meanwhile can get a truncated file."""
+
+    def __init__(self):
+        self.folder = Path(tempfile.mkdtemp(prefix="axf-app-"))
+
+    def path(self, key: str, make) -> str:
+        """The file of ``key``, made by ``make()`` (a PIL image) the first time."""
+        from ..synthesis.core import save_png
+
+        path = self.folder / f"{key}.png"
+        if not path.is_file():
+            save_png(make(), path)
+        return str(path)
+
+
 # ------------------------------------------------------------------ model and dataset
 @dataclass
 class Session:
@@ -63,6 +83,7 @@ class Session:
     config: str | None = "ad"
     pipe: object | None = None
     source: object | None = None  # synthesis.source.SourceData of ``dataset``
+    pictures: Pictures = field(default_factory=Pictures, repr=False)  # of this dataset
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def load(self, model: str | None, dataset: str | None = None, config: str | None = "ad") -> str:
@@ -84,6 +105,7 @@ class Session:
                     self.pipe, self.model = load_pipeline(model), model
             if dataset and (dataset != self.dataset or config != self.config or self.source is None):
                 self.source, self.dataset, self.config = SourceData(dataset, config), dataset, config
+                self.pictures = Pictures()
             elif not dataset:
                 self.source, self.dataset = None, None
         except SynthesisError as err:
@@ -112,6 +134,12 @@ class Session:
 
 
 # ------------------------------------------------------------------ inputs of one synthesis
+def thumbnail(image: PIL.Image.Image) -> PIL.Image.Image:
+    small = image.copy()
+    small.thumbnail(THUMBNAIL)
+    return small
+
+
 def _as_pil(value, mode: str | None = None) -> PIL.Image.Image | None:
     if value is None:
         return None
@@ -182,6 +210,7 @@ class Synthesis:
     outside_change: int  # largest absolute pixel change outside the mask: 0 = background kept exactly
     image_file: Path
     mask_file: Path
+    normal_file: Path  # what the page shows beside them
 
 
 def synthesize(
@@ -243,17 +272,22 @@ def synthesize(
         folder / f"anomaly_seed{int(seed)}.png",
         folder / f"anomaly_seed{int(seed)}_mask.png",
     )
-    result.save(image_file, format="PNG")
-    mask.save(mask_file, format="PNG")
-    return Synthesis(normal, mask, result, change, image_file, mask_file)
+    for picture, path in ((result, image_file), (mask, mask_file), (normal, folder / "normal.png")):
+        picture.save(path, format="PNG")
+    return Synthesis(normal, mask, result, change, image_file, mask_file, folder / "normal.png")
 
 
 # ------------------------------------------------------------------ picking from the dataset
-def normals(session: Session, category: str | None) -> list[tuple[PIL.Image.Image, str]]:
-    """Train normals of ``category`` (thumbnails with their paths)."""
+def normals(session: Session, category: str | None) -> list[tuple[str, str]]:
+    """Train normals of ``category``: (thumbnail file, path in the dataset)."""
     source = session.require_source()
-    rows = source.normals.get(category or "", [])[:MAX_THUMBNAILS]
-    return [(source.normal(i), source.path("train", i)) for i in rows]
+    return [
+        (
+            session.pictures.path(f"thumb-train-{i}", lambda i=i: thumbnail(source.normal(i))),
+            source.path("train", i),
+        )
+        for i in normal_rows(session, category)
+    ]
 
 
 def normal_rows(session: Session, category: str | None) -> list[int]:
@@ -267,16 +301,33 @@ def reference_rows(session: Session, category: str | None) -> list[int]:
     return rows[:MAX_THUMBNAILS]
 
 
-def references(session: Session, category: str | None) -> list[tuple[PIL.Image.Image, str]]:
+def references(session: Session, category: str | None) -> list[tuple[str, str]]:
+    """Generator-fold anomalies of ``category``: (thumbnail file, "defect type: caption")."""
     source = session.require_source()
     out = []
     for i in reference_rows(session, category):
         row = source.rows["test"][i]
-        out.append((source.anomaly(i)[0], f"{row['defect_type']}: {row['caption']}"))
+        picture = session.pictures.path(f"thumb-test-{i}", lambda i=i: thumbnail(source.anomaly(i)[0]))
+        out.append((picture, f"{row['defect_type']}: {row['caption']}"))
     return out
 
 
-def editor_value(image: PIL.Image.Image) -> dict:
+def picked_normal(session: Session, row: int) -> str:
+    """The file of train normal ``row`` (full size)."""
+    source = session.require_source()
+    return session.pictures.path(f"train-{row}", lambda: source.normal(row))
+
+
+def picked_reference(session: Session, row: int) -> tuple[str, str]:
+    """The files of generator-fold anomaly ``row`` and its mask (full size)."""
+    source = session.require_source()
+    return (
+        session.pictures.path(f"test-{row}", lambda: source.anomaly(row)[0]),
+        session.pictures.path(f"test-{row}-mask", lambda: source.anomaly(row)[1]),
+    )
+
+
+def editor_value(image) -> dict:
     """An image editor holding ``image`` with nothing drawn on it."""
     return {"background": image, "layers": [], "composite": image}
 
@@ -288,6 +339,15 @@ class Example:
     caption: str
     reference: PIL.Image.Image
     reference_mask: PIL.Image.Image
+    normal_row: int
+    reference_row: int
+
+    def files(self, session: Session) -> tuple[dict, str, str, str]:
+        """(editor value, mask, reference, reference mask) as the page shows them: files."""
+        key = f"example-{self.normal_row}-{self.reference_row}"
+        reference, reference_mask = picked_reference(session, self.reference_row)
+        editor = editor_value(picked_normal(session, self.normal_row))
+        return editor, session.pictures.path(f"{key}-mask", lambda: self.mask), reference, reference_mask
 
 
 def example(session: Session, category: str | None = None) -> Example:
@@ -300,12 +360,15 @@ def example(session: Session, category: str | None = None) -> Example:
     rows = reference_rows(session, category)
     if not rows:
         raise AppError(f"category {category!r} has no generator-fold anomaly in {source.name}")
-    normal = source.normal(source.normals[category][0])
+    normal_row = source.normals[category][0]
+    normal = source.normal(normal_row)
     reference, reference_mask = source.anomaly(rows[0])
     mask = binary_mask(reference_mask)
     if mask.size != normal.size:
         mask = mask.resize(normal.size, PIL.Image.NEAREST)
-    return Example(editor_value(normal), mask, source.caption(rows[0]), reference, reference_mask)
+    return Example(
+        editor_value(normal), mask, source.caption(rows[0]), reference, reference_mask, normal_row, rows[0]
+    )
 
 
 # ------------------------------------------------------------------ dataset browser
@@ -358,6 +421,7 @@ class Browser:
             defect = row["defect_type"] or ("good" if not row.get("is_anomaly") else "?")
             self.index[row["category"]][f"{split}/{defect}"].append(k)
         self.synthetic = any(name in r for _, _, r in self.rows[:1] for name in PROVENANCE)
+        self.pictures = Pictures()
 
     def categories(self) -> list[str]:
         return sorted(self.index)
@@ -369,11 +433,13 @@ class Browser:
     def items(self, category: str | None, group: str | None) -> list[int]:
         return self.index.get(category or "", {}).get(group or "", [])[:200]
 
-    def thumbnails(self, category, group) -> list[tuple[PIL.Image.Image, str]]:
+    def thumbnails(self, category, group) -> list[tuple[str, str]]:
+        """(thumbnail file, path in the dataset) of the group's rows."""
         out = []
         for k in self.items(category, group):
             split, i, row = self.rows[k]
-            out.append((_decode(self.splits[split][i]["image"], "RGB"), row.get("path") or f"{split}[{i}]"))
+            make = lambda split=split, i=i: thumbnail(_decode(self.splits[split][i]["image"], "RGB"))  # noqa: E731
+            out.append((self.pictures.path(f"thumb-{k}", make), row.get("path") or f"{split}[{i}]"))
         return out
 
     def detail(self, k: int) -> tuple[PIL.Image.Image, PIL.Image.Image, str]:

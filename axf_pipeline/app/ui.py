@@ -16,10 +16,13 @@ from .logic import (
     Browser,
     Session,
     batch_args,
+    editor_value,
     example,
     normal_rows,
     normals,
     one_line,
+    picked_normal,
+    picked_reference,
     reference_rows,
     references,
     run_batch,
@@ -108,7 +111,7 @@ def build_app(session: Session) -> gr.Blocks:
                         )
                     clear_reference = gr.Button("No reference", size="sm")
             with gr.Row():
-                steps = gr.Slider(1, 100, value=30, step=1, label="Steps")
+                steps = gr.Slider(1, 100, value=30, step=1, label="Steps", elem_id="steps")
                 guidance = gr.Slider(0, 15, value=4.0, step=0.5, label="Guidance (text)")
                 reference_guidance = gr.Slider(
                     0, 15, value=4.0, step=0.5,
@@ -205,17 +208,14 @@ def build_app(session: Session) -> gr.Blocks:
 
         @shown(2)
         def on_pick_normal(name, evt: gr.SelectData):
-            row = normal_rows(session, name)[evt.index]
-            image = session.source.normal(row)
-            return {"background": image, "layers": [], "composite": image}, ""
+            return editor_value(picked_normal(session, normal_rows(session, name)[evt.index])), ""
 
         normals_gallery.select(on_pick_normal, category, [editor, message])
 
         @shown(4)
         def on_pick_reference(name, current_caption, evt: gr.SelectData):
             row = reference_rows(session, name)[evt.index]
-            image, mask = session.source.anomaly(row)
-            return image, mask, current_caption or session.source.caption(row), ""
+            return (*picked_reference(session, row), current_caption or session.source.caption(row), "")
 
         references_gallery.select(
             on_pick_reference, [category, caption], [reference, reference_mask, caption, message]
@@ -225,7 +225,8 @@ def build_app(session: Session) -> gr.Blocks:
         @shown(6)
         def on_example(name):
             ex = example(session, name)
-            return ex.editor, ex.mask, ex.caption, ex.reference, ex.reference_mask, ""
+            editor_file, mask_file, reference_file, reference_mask_file = ex.files(session)
+            return editor_file, mask_file, ex.caption, reference_file, reference_mask_file, ""
 
         example_button.click(
             on_example, category, [editor, mask_upload, caption, reference, reference_mask, message]
@@ -238,7 +239,8 @@ def build_app(session: Session) -> gr.Blocks:
             )
             files = [str(out.image_file), str(out.mask_file)]
             done = f"Done: largest change outside the mask = {out.outside_change}."
-            return out.normal, out.mask, out.result, out.outside_change, files, done
+            shown_files = (str(out.normal_file), str(out.mask_file), str(out.image_file))
+            return (*shown_files, out.outside_change, files, done)
 
         generate.click(
             on_generate,
@@ -288,7 +290,13 @@ def build_app(session: Session) -> gr.Blocks:
 
         @shown(4)
         def on_browse_select(opened, rows, evt: gr.SelectData):
-            return (*opened.detail(rows[evt.index]), "")
+            k = rows[evt.index]
+            image, overlaid, info = opened.detail(k)
+            files = [
+                opened.pictures.path(f"{name}-{k}", lambda p=p: p)
+                for name, p in (("image", image), ("overlay", overlaid))
+            ]
+            return (*files, info, "")
 
         browse_gallery.select(
             on_browse_select,
