@@ -7,6 +7,7 @@ axf app                      # the demo's model and dataset (outputs/demo), afte
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 COMMAND = "axf app"
@@ -37,6 +38,7 @@ def serve(model: str | None, dataset: str | None, config: str | None, **launch_k
             print(f"{COMMAND}: {DEMO_HINT}", file=sys.stderr)
             return 2
         model, dataset = found[0], dataset or found[1]
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default: no usage pings
     try:
         import gradio  # noqa: F401
     except ImportError:
