@@ -8,6 +8,7 @@ import sys
 
 # subcommand -> (module providing add_arguments(parser) and run(args) -> int, one-line help)
 SUBCOMMANDS = {
+    "app": ("axf_pipeline.app.cli", "the Gradio page: synthesise, browse a dataset, run a batch"),
     "evaluate": ("axf_pipeline.evaluation.cli", "IS, IC-LPIPS and downstream AUROC/AP/F1-max reports"),
     "generate": (
         "axf_pipeline.generate",

@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         return report_input_error(COMMAND, err)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, pipe=None) -> int:
+    """The command's work; ``pipe``: the loaded ``args.model`` (the app passes its own), None loads it."""
     from . import export
     from .core import (
         SynthesisError,
@@ -135,7 +136,7 @@ def _run(args: argparse.Namespace) -> int:
         source, pairs, args.num_per_defect_type, args.seed, args.prompt, not args.no_reference, args.model
     )
     check_output(args.output, COMMAND, settings, export.expected_files(source, items, pairs))
-    pipe = load_pipeline(args.model, args.dtype)
+    pipe = load_pipeline(args.model, args.dtype) if pipe is None else pipe
     if not args.no_reference and pipe.image_encoder is None:
         raise SynthesisError(
             f"--model {args.model} has no image_encoder for reference defects; pass --no-reference"
