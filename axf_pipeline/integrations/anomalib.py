@@ -115,7 +115,9 @@ def mvtec_folder_samples(root: str | os.PathLike, category: str) -> list[Sample]
             mask = root / category / "ground_truth" / defect.name / f"{image.stem}_mask.png"
             if not mask.is_file():
                 raise FileNotFoundError(f"synthetic anomaly {image} has no mask {mask}")
-            samples.append(Sample(image, mask, category, defect.name, f"{category}/{defect.name}/{image.name}"))
+            samples.append(
+                Sample(image, mask, category, defect.name, f"{category}/{defect.name}/{image.name}")
+            )
     return samples
 
 
@@ -158,7 +160,9 @@ def load_synthetic(
     available = sorted({s.category for s in samples})
     samples = [s for s in samples if s.category == category]
     if not samples:
-        raise ValueError(f"synthetic set {name} has no anomalies of category {category!r}; it has {available}")
+        raise ValueError(
+            f"synthetic set {name} has no anomalies of category {category!r}; it has {available}"
+        )
     provenance = {"source": name, **(_card_provenance(card) if card else {})}
     models = sorted({_column(s, "model") for s in samples} - {None})
     if models:

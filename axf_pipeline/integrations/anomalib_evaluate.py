@@ -95,9 +95,7 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path)
 
 
-def write_real_mvtec(
-    real: RealData, category: str, root: Path, extra_normals: list[Sample] = ()
-) -> Path:
+def write_real_mvtec(real: RealData, category: str, root: Path, extra_normals: list[Sample] = ()) -> Path:
     """``root/<category>`` in MVTec AD layout: train/good = train normals; test = good test images (plus
     ``extra_normals``) and the evaluation fold only; ground_truth = its masks. The generator fold stays out."""
     cat = Path(root) / category
@@ -134,11 +132,11 @@ def train_and_test_draem(
     synthetic_fraction: float = 1.0,
 ) -> dict:
     """One row: ``Draem`` trained (stock when ``pool`` is None) and tested; metrics, record, maps, seconds."""
+    from anomalib.callbacks.checkpoint import ModelCheckpoint
     from anomalib.engine import Engine
     from anomalib.models import Draem
     from anomalib.post_processing import PostProcessor
     from lightning.pytorch import seed_everything
-    from anomalib.callbacks.checkpoint import ModelCheckpoint
 
     seed_everything(budget.seed, workers=True, verbose=False)
     size = (budget.image_size, budget.image_size)
@@ -377,6 +375,7 @@ def run_cli(args) -> int:
         print(f"axf evaluate: error: {err}", file=sys.stderr)
         return 2
     paths = write_report(report, Path(args.output))
-    print(json.dumps({k: str(v) if not isinstance(v, list) else [str(p) for p in v] for k, v in paths.items()}))
+    print(
+        json.dumps({k: str(v) if not isinstance(v, list) else [str(p) for p in v] for k, v in paths.items()})
+    )
     return 0
-
