@@ -92,7 +92,9 @@ class AnomalyPool:
         """(N, 3, H, W) float images in [0, 1] and (N, 1, H, W) float {0, 1} masks at ``size``."""
         images, masks = [], []
         for s in self.samples:
-            image = torch.from_numpy(s.load_image()).permute(2, 0, 1).float() / 255  # anomalib's read_image
+            image = (
+                torch.from_numpy(s.load_image().copy()).permute(2, 0, 1).float() / 255
+            )  # anomalib's read_image
             mask = torch.from_numpy(s.load_mask())[None].float()
             if image.shape[-2:] != size:
                 image = TF.resize(image, list(size), antialias=True)  # the pre-processor's Resize
@@ -102,13 +104,15 @@ class AnomalyPool:
         return torch.stack(images), torch.stack(masks)
 
 
-def mvtec_folder_samples(root: str | os.PathLike, category: str) -> list[Sample]:
+def mvtec_folder_samples(root: str | os.PathLike, category: str, name: str | None = None) -> list[Sample]:
     """Anomalies of ``root/<category>/test/<defect>/<stem>.png`` with ``ground_truth/<defect>/<stem>_mask.png``
     (the ``mvtec/`` folder of ``axf synthesize``, or any MVTec AD tree)."""
     root = Path(root)
     categories = sorted(p.name for p in root.iterdir() if (p / "test").is_dir()) if root.is_dir() else []
     if category not in categories:
-        raise ValueError(f"synthetic folder {root.name} has no category {category!r}; it has {categories}")
+        raise ValueError(
+            f"synthetic set {name or root.name} has no category {category!r}; it has {categories}"
+        )
     samples = []
     for defect in sorted(p for p in (root / category / "test").iterdir() if p.is_dir() and p.name != "good"):
         for image in sorted(defect.glob("*.png")):
@@ -154,9 +158,9 @@ def load_synthetic(
         if (path / "data").is_dir() or (path / "dataset_dict.json").is_file() or path.suffix == ".parquet":
             samples, card = load_anomalies(str(path), config), path / "README.md"
         elif (path / "mvtec").is_dir():
-            samples, card = mvtec_folder_samples(path / "mvtec", category), path / "README.md"
+            samples, card = mvtec_folder_samples(path / "mvtec", category, name), path / "README.md"
         else:
-            samples, card = mvtec_folder_samples(path, category), path.parent / "README.md"
+            samples, card = mvtec_folder_samples(path, category, name), path.parent / "README.md"
     available = sorted({s.category for s in samples})
     samples = [s for s in samples if s.category == category]
     if not samples:

@@ -209,6 +209,12 @@ def evaluate_draem(
     categories = categories or real.categories
     for category in categories:
         real.test_set(category)  # fails early, naming the category
+        n_train = len(real.normals(category))
+        if budget.image_size == 32 and n_train % budget.batch_size == 1:
+            raise ValueError(
+                f"--batch-size {budget.batch_size}: {category!r} has {n_train} train normals, so the last batch "
+                "holds one image, which Draem's BatchNorm cannot train on at 32 px; pick another batch size"
+            )
     pools = {
         (name, c): source[c] if isinstance(source, dict) else load_synthetic(source, c)
         for name, source in generators.items()
