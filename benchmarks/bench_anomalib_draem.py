@@ -29,6 +29,7 @@ from axf_pipeline.integrations.anomalib_evaluate import (
     STOCK,
     DraemBudget,
     evaluate_draem,
+    mean_std,
     public,
     table,
     write_maps_picture,
@@ -71,7 +72,7 @@ def summary(per_seed: dict) -> list[str]:
         cells = []
         for m in METRICS:
             values = [r[row]["metrics"][m] for r in per_seed.values() if m in r[row]["metrics"]]
-            cells.append(_mean_std(values) if values else "n/a")
+            cells.append(mean_std(values) if values else "n/a")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     gains = {
         s: 100 * (r[NAME]["metrics"]["pixel_AUPR"] - r[STOCK]["metrics"]["pixel_AUPR"])
@@ -90,11 +91,6 @@ def summary(per_seed: dict) -> list[str]:
         f"Pixel AP gain of the 50/50 mix over stock: {_points(list(mix.values()))} points.",
     ]
     return lines
-
-
-def _mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.fmean(values):.1f} ± {100 * std:.1f}"
 
 
 def _points(values: list[float]) -> str:

@@ -151,7 +151,11 @@ def train_and_test_draem(
 
         with tempfile.TemporaryDirectory() as empty:  # no DTD: Perlin noise, nothing downloaded
             model = Draem(dtd_dir=empty, **components)
-        record = {"augmenter": "anomalib PerlinAnomalyGenerator (noise texture)", "probability": 0.5}
+        record = {
+            "augmenter": "anomalib PerlinAnomalyGenerator (noise texture)",
+            "probability": model.augmenter.probability,
+            "global_seed": budget.seed,
+        }
     else:
         model = draem_with_synthetic(
             pool, category, probability=budget.probability, synthetic_fraction=synthetic_fraction,
