@@ -34,6 +34,7 @@ from axf_pipeline.integrations.anomalib_evaluate import (
     table,
     write_maps_picture,
 )
+from axf_pipeline.synthesis.core import atomic_write
 
 NAME = "AnomalyXFusion"
 MIX = f"{NAME} 50/50 Perlin"
@@ -123,14 +124,11 @@ def write(output: Path, per_seed: dict, reports: dict, settings: dict, command: 
             *table(rows),
             "",
         ]
-    output.mkdir(parents=True, exist_ok=True)
     for name, text in (
         ("results.md", "\n".join(lines) + "\n"),
         ("results.json", json.dumps({"command": command, "settings": settings, "seeds": reports}, indent=2)),
     ):
-        tmp = output / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(output / name)
+        atomic_write(output / name, lambda tmp, text=text: tmp.write_text(text))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from ..evaluation.data import Sample, check_anomalies, load_anomalies
+from ..synthesis.core import atomic_write
 
 __all__ = [
     "AnomalyPool",
@@ -294,11 +295,8 @@ class SyntheticRunRecord(Callback):
     def _write(self, trainer) -> None:
         if not trainer.is_global_zero:
             return
-        path = Path(trainer.default_root_dir) / RECORD_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.augmenter.record(), indent=2, default=str))
-        tmp.replace(path)
+        text = json.dumps(self.augmenter.record(), indent=2, default=str)
+        atomic_write(Path(trainer.default_root_dir) / RECORD_FILE, lambda tmp: tmp.write_text(text))
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._write(trainer)

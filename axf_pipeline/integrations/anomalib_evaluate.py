@@ -27,6 +27,7 @@ from lightning.pytorch import Callback
 from PIL import Image
 
 from ..evaluation.data import RealData, Sample
+from ..synthesis.core import atomic_write, save_png
 from .anomalib import AnomalyPool, draem_with_synthetic, load_synthetic
 
 __all__ = [
@@ -91,8 +92,7 @@ class MapCollector(Callback):
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    save_png(Image.fromarray(array), path)
 
 
 def write_real_mvtec(real: RealData, category: str, root: Path, extra_normals: list[Sample] = ()) -> Path:
@@ -322,10 +322,7 @@ def write_maps_picture(rows: dict, columns: list[str], path: Path, scale: int = 
             cells.append(np.repeat(m[..., None], 3, 2))
         for c, array in enumerate(cells):
             grid.paste(Image.fromarray(array).resize((cell, cell), Image.NEAREST), (c * cell, r * cell))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    grid.save(tmp, format="png")
-    tmp.replace(path)
+    save_png(grid, path)
     return path
 
 
@@ -351,9 +348,7 @@ def write_report(report: dict, output: Path, command: str = "") -> dict:
             pictures.append(write_maps_picture(rows, columns, output / f"maps_{_slug(name)}_{category}.png"))
     paths = {"json": output / "report.json", "markdown": output / "report.md", "maps": pictures}
     for key, text in (("json", json.dumps(public(report), indent=2)), ("markdown", "\n".join(lines) + "\n")):
-        tmp = paths[key].with_name(f".{paths[key].name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(paths[key])
+        atomic_write(paths[key], lambda tmp, text=text: tmp.write_text(text))
     return paths
 
 
