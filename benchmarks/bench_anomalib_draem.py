@@ -107,7 +107,7 @@ def write(output: Path, per_seed: dict, reports: dict, settings: dict, command: 
         command,
         "```",
         "",
-        f"anomalib {settings['anomalib_version']}, CPU; image size {settings['image_size']}, "
+        f"anomalib {settings['anomalib_version']}, {settings['accelerator']}; image size {settings['image_size']}, "
         f"{settings['epochs']} epochs, batch size {settings['batch_size']}, anomaly probability "
         f"{settings['probability']}; the same seed for every row of a demo seed. Test set: the real evaluation "
         "fold, the good test images and the held-out normals. Stock Draem uses anomalib's Perlin generator with "
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--ratios", type=int, nargs="*", default=[1, 4, 16], help="ratio rows; none: skip them")
+    p.add_argument("--accelerator", default="cpu", help="Lightning accelerator: cpu, gpu, auto")
     p.add_argument("--output", type=Path, default=Path("benchmarks/results/anomalib_draem"))
     p.add_argument("--work", type=Path, default=Path("outputs/bench_anomalib_draem"), help="runs, real tree")
     args = p.parse_args(argv)
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         run, synthetic = synthesized(folder, args.run)
         budget = DraemBudget(
             image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, seed=seed,
-            ratios=tuple(args.ratios),
+            ratios=tuple(args.ratios), accelerator=args.accelerator,
         )  # fmt: skip
         real = RealData(str(folder / "mvtec_caption"), "ad")
         held_out = [

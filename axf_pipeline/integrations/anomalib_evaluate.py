@@ -65,6 +65,7 @@ class DraemBudget:
     probability: float = 0.5
     ratios: tuple[int, ...] = DEFAULT_RATIOS
     progress: bool = False
+    accelerator: str = "cpu"  # Lightning's: "cpu", "gpu", "auto"
 
 
 def draem_evaluator():
@@ -164,7 +165,7 @@ def train_and_test_draem(
         record = None
     collector = MapCollector()
     engine = Engine(
-        max_epochs=budget.epochs, accelerator="cpu", devices=1, default_root_dir=work, logger=False,
+        max_epochs=budget.epochs, accelerator=budget.accelerator, devices=1, default_root_dir=work, logger=False,
         enable_progress_bar=budget.progress, enable_model_summary=False, limit_val_batches=0,
         callbacks=[collector, ModelCheckpoint(save_top_k=0, save_last=False)],
     )  # fmt: skip
@@ -372,6 +373,7 @@ def run_cli(args) -> int:
         budget = DraemBudget(
             image_size=args.resolution, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
             ratios=tuple(args.ratios), progress=not args.no_progress,
+            accelerator="gpu" if args.device.startswith("cuda") else "cpu",
         )  # fmt: skip
         real = RealData(args.real, args.real_config)
         generators = dict(args.generated)
