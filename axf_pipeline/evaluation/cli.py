@@ -83,6 +83,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="testing only: random Inception/VGG backbones; every such score is marked NOT A REAL SCORE",
     )
+    parser.add_argument(
+        "--detector",
+        default="unet",
+        choices=("unet", "anomalib-draem"),
+        help="unet: the metrics above; anomalib-draem: train anomalib's Draem stock / on each --generated "
+        "axf synthesize output / 50-50 mixed, and the real-fold ratio rows (needs the anomalib extra)",
+    )
+    parser.add_argument(
+        "--ratios", nargs="+", type=int, default=[1, 4, 16], metavar="K",
+        help="anomalib-draem: synthetic anomalies per real generator-fold anomaly in the ratio rows",
+    )  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
@@ -162,6 +173,13 @@ def run(args: argparse.Namespace) -> int:
     from .harness import HarnessOptions, evaluate_generators
     from .report import write_report
 
+    if args.detector == "anomalib-draem":  # the optional extra, imported only when asked for
+        try:
+            from ..integrations.anomalib_evaluate import run_cli
+        except ImportError as err:
+            print(f"axf evaluate: error: --detector anomalib-draem needs anomalib ({err})", file=sys.stderr)
+            return 2
+        return run_cli(args)
     try:  # bad input: one line naming the flag or file, exit code 2, no traceback
         check_arguments(args)
         options = HarnessOptions(
