@@ -93,3 +93,45 @@ def test_cut_off_limit_and_fallback():
     assert mask.all()
     with pytest.raises(ValueError, match="real mask 0 is empty"):
         MaskSampler([np.zeros((4, 4), bool)])
+
+
+def _shape_measures(mask: np.ndarray) -> tuple[float, float, float]:
+    """Principal-axis angle (degrees, mod 180), elongation (major / minor axis) and handedness (±1: the sign
+    of the third moments along both axes times the frame's orientation; a mirror flips it, a rotation not)."""
+    ys, xs = np.nonzero(mask)
+    p = np.stack([ys, xs], 1).astype(float)
+    p -= p.mean(0)
+    eigenvalues, vectors = np.linalg.eigh(p.T @ p / len(p))
+    major, minor = vectors[:, 1], vectors[:, 0]
+    angle = np.degrees(np.arctan2(major[0], major[1])) % 180
+    skew = ((p @ major) ** 3).mean() * ((p @ minor) ** 3).mean()
+    handedness = np.sign(skew * np.linalg.det(np.stack([major, minor], 1)))
+    return angle, np.sqrt(eigenvalues[1] / eigenvalues[0]), handedness
+
+
+def test_sampled_masks_are_rotated_flipped_scaled_and_mildly_warped_as_documented():
+    """README: a real mask "rotated, flipped, scaled by 0.75-1.25 and mildly warped", its size relative to the
+    canvas kept. An L-shaped real mask at twice the canvas size; 200 samples, measured."""
+    side = 128
+    letter_l = np.zeros((side, side), bool)
+    letter_l[60:66, 40:88] = True  # long leg
+    letter_l[44:60, 40:46] = True  # short leg: not symmetric, so a mirror image is told apart
+    real = np.kron(letter_l, np.ones((2, 2), bool))  # 256 x 256: resized to the canvas by area fraction
+    _, real_elongation, real_hand = _shape_measures(letter_l)
+    sampler = MaskSampler([real], texture=True, area_margin=1.0)  # margin: keep all of 0.75^2 .. 1.25^2
+    samples = [sampler.sample(np.random.default_rng(s), (side, side))[0] for s in range(200)]
+    angles, elongations, hands = np.array([_shape_measures(m) for m in samples]).T
+    # rotation: any angle, so the principal axis falls in every 45-degree sector about equally often
+    counts = np.histogram(angles, bins=[0, 45, 90, 135, 180])[0]
+    assert counts.min() >= 30, counts
+    # flip: half the samples are mirror images of the real mask
+    assert 60 <= (hands != real_hand).sum() <= 140
+    # scale 0.75-1.25 of the real mask's area fraction: area ratio s^2 in 0.56-1.56, spread over the range
+    ratio = np.array([m.mean() for m in samples]) / real.mean()
+    assert np.percentile(ratio, 5) < 0.7 and np.percentile(ratio, 95) > 1.4
+    assert 0.85 < np.median(ratio) < 1.2
+    assert ratio.min() > 0.45 and ratio.max() < 1.8  # the warp moves the area only a little beyond s^2
+    # warp: mild (the L stays about as elongated), but there: the elongation varies beyond pixel rounding
+    assert (elongations > 0.6 * real_elongation).all() and (elongations < 1.5 * real_elongation).all()
+    spread = (np.percentile(elongations, 95) - np.percentile(elongations, 5)) / np.median(elongations)
+    assert spread > 0.15
