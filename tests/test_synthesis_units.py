@@ -51,26 +51,44 @@ def _normal(i: int) -> PIL.Image.Image:
     return _png(pixels)
 
 
-def _mask(y: int, x: int) -> PIL.Image.Image:
+def _mask(y: int, x: int, height: int = 4, width: int = 6) -> PIL.Image.Image:
     m = np.zeros((SIDE, SIDE), np.uint8)
-    m[y : y + 4, x : x + 6] = 255
+    m[y : y + height, x : x + width] = 255
     return _png(m)
 
 
+BROKEN_SIZES = [(2, 2), (6, 6), (3, 9)]  # areas 4, 36, 27: a sampled mask tells which one it transformed
+
+
 def _build(root: Path, *, fold_eval_all: bool = False) -> Path:
-    """bottle (object) with two defect types, grid (texture) with one; an evaluation-fold row per type."""
+    """bottle (object) with two defect types, grid (texture) with one, an evaluation-fold row per type; cable
+    has train normals only, wood anomalies only."""
     train = {"image": [], "category": [], "is_anomaly": [], "path": []}
-    for category, n in (("bottle", 6), ("grid", 5)):
+    files = root / "files"
+    files.mkdir(parents=True, exist_ok=True)
+    for category, n in (("bottle", 6), ("grid", 4), ("cable", 2)):
         for i in range(n):
-            train["image"].append(_normal(i if category == "bottle" else 10 + i))
+            image = _normal(i if category == "bottle" else 10 + i)
+            if category == "grid":
+                image = image.convert("L")  # MVTec's grid is grayscale
+            elif category == "cable":  # stored by path, not bytes
+                image.save(files / f"cable_{i}.png")
+                image = str(files / f"cable_{i}.png")
+            train["image"].append(image)
             train["category"].append(category)
             train["is_anomaly"].append(False)
             train["path"].append(f"{category}/train/good/{i:03d}.png")
     test = {k: [] for k in ("image", "mask", "caption", "category", "defect_type", "is_anomaly", "fold", "path")}
 
-    def add(category, defect, fold, i, y, x, anomaly=True):
-        test["image"].append(_normal(40 + len(test["image"])))
-        test["mask"].append(_mask(y, x) if anomaly else _png(np.zeros((SIDE, SIDE), np.uint8)))
+    def add(category, defect, fold, i, y, x, anomaly=True, size=(4, 6)):
+        image = _normal(40 + len(test["image"]))
+        test["image"].append(image.convert("L") if category == "grid" else image)
+        mask = _mask(y, x, *size) if anomaly else _png(np.zeros((SIDE, SIDE), np.uint8))
+        if defect == "crack":
+            mask = _png(np.asarray(mask) // 255)  # a 0/1 mask
+        elif category == "wood":
+            mask = mask.convert("RGB")  # a mask saved with three channels
+        test["mask"].append(mask)
         test["caption"].append(f"a {defect} {category} #{i}")
         test["category"].append(category)
         test["defect_type"].append(defect if anomaly else "good")
@@ -79,7 +97,7 @@ def _build(root: Path, *, fold_eval_all: bool = False) -> Path:
         test["path"].append(f"{category}/test/{defect}/{i:03d}.png")
 
     for i in range(3):
-        add("bottle", "broken", "generator", i, 8 + i, 8)
+        add("bottle", "broken", "generator", i, 8 + i, 8, size=BROKEN_SIZES[i])
     add("bottle", "broken", "evaluation", 3, 2, 2)
     for i in range(2):
         add("bottle", "crack", "generator", i, 10, 6 + i)
@@ -88,6 +106,7 @@ def _build(root: Path, *, fold_eval_all: bool = False) -> Path:
         add("grid", "bent", "generator", i, 4 + 2 * i, 4)
     add("grid", "bent", "evaluation", 2, 2, 2)
     add("grid", "good", "evaluation", 3, 0, 0, anomaly=False)
+    add("wood", "hole", "generator", 0, 5, 5)
     features = datasets.Features(
         {"image": datasets.Image(), "category": datasets.Value("string"), "is_anomaly": datasets.Value("bool"),
          "path": datasets.Value("string")}
@@ -110,7 +129,7 @@ def source_dir(tmp_path_factory) -> Path:
     return _build(tmp_path_factory.mktemp("source"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # per test: mutation testing maps SourceData's code to every test that builds one
 def source(source_dir) -> SourceData:
     return SourceData(str(source_dir), "ad")
 
@@ -319,17 +338,26 @@ def test_digits_widen_past_three_only_when_needed():
 
 
 def test_select_checks_names_and_keeps_only_pairs_with_a_generator_fold(source, source_dir, tmp_path):
-    assert select(source, None, None) == [("bottle", "broken"), ("bottle", "crack"), ("grid", "bent")]
-    assert select(source, ["grid"], None) == [("grid", "bent")]
+    pairs = [("bottle", "broken"), ("bottle", "crack"), ("grid", "bent")]
+    assert select(source, ["bottle", "grid"], None) == pairs
+    assert select(source, ["grid"], None) == [("grid", "bent")]  # 4 normals: none held out, all bases
     assert select(source, ["bottle"], ["crack"]) == [("bottle", "crack")]
-    with pytest.raises(SynthesisError, match=r"unknown category 'bottel'; .* has bottle, grid"):
+    with pytest.raises(SynthesisError, match=r"unknown category 'bottel'; .* has bottle, cable, grid, wood$"):
         select(source, ["bottel"], None)
     with pytest.raises(SynthesisError, match=r"unknown defect type 'bent' in categories bottle; available: broken, crack"):
         select(source, ["bottle"], ["bent"])
-    with pytest.raises(SynthesisError, match=r"category 'grid' of .* has no anomalies"):
+    with pytest.raises(SynthesisError, match=r"unknown defect type 'x' in categories cable; available: $"):
+        select(source, ["cable"], ["x"])
+    with pytest.raises(SynthesisError, match=r"'hole' in categories bottle, grid; available: bent, broken, crack$"):
+        select(source, ["bottle", "grid"], ["hole"])
+    with pytest.raises(SynthesisError, match=r"category 'grid' of .* has no anomalies \(test split\)"):
         select(source, ["bottle", "grid"], ["crack"])
+    with pytest.raises(SynthesisError, match=r"category 'cable' of .* has no anomalies \(test split\)"):
+        select(source, None, None)  # every category by default: cable has normals only
+    with pytest.raises(SynthesisError, match=r"category 'wood' of .* has no train normals to start from"):
+        select(source, ["wood"], None)
     no_gen = SourceData(str(_build(tmp_path, fold_eval_all=True)), "ad")
-    with pytest.raises(SynthesisError, match=r"defect type bottle/broken has no generator-fold anomaly"):
+    with pytest.raises(SynthesisError, match=r"defect type bottle/broken has no generator-fold anomaly in .*; drop it with --defect-types$"):
         select(no_gen, ["bottle"], None)
 
 
@@ -377,18 +405,19 @@ def test_prepared_item_has_its_normal_a_new_mask_on_it_and_its_reference(source)
 # ------------------------------------------------------------------ source
 def test_source_indexes_by_category_and_fold(source, source_dir):
     assert source.name == f"{source_dir} (ad)"
-    assert source.categories == ["bottle", "grid"]
-    assert dict(source.all_types) == {"bottle": {"broken", "crack"}, "grid": {"bent"}}
+    assert source.categories == ["bottle", "cable", "grid", "wood"]
+    assert dict(source.all_types) == {"bottle": {"broken", "crack"}, "grid": {"bent"}, "wood": {"hole"}}
     assert source.generator[("bottle", "broken")] == [0, 1, 2] and source.generator[("grid", "bent")] == [7, 8]
-    assert source.normals["bottle"] == list(range(6)) and source.normals["grid"] == list(range(6, 11))
-    assert source.bases_and_held_out("grid") == ([6, 7, 8, 9], [10])
+    assert source.normals["bottle"] == list(range(6)) and source.normals["grid"] == list(range(6, 10))
+    assert source.bases_and_held_out("bottle") == ([0, 1, 2, 3, 4], [5])  # the last floor(6 / 5)
+    assert source.bases_and_held_out("grid") == ([6, 7, 8, 9], [])
     assert source.bases_and_held_out("none") == ([], [])
     assert source.path("train", 3) == "bottle/train/good/003.png" and source.caption(1) == "a broken bottle #1"
     assert source.normal_size(0) == (SIDE, SIDE)
     assert np.array_equal(np.asarray(source.normal(2)), np.asarray(_normal(2)))
     assert PIL.Image.open(io.BytesIO(source.normal_bytes(2))).convert("RGB").tobytes() == _normal(2).tobytes()
     image, mask = source.anomaly(1)
-    assert image.mode == "RGB" and mask.mode == "L" and np.array_equal(np.asarray(mask), np.asarray(_mask(9, 8)))
+    assert image.mode == "RGB" and mask.mode == "L" and np.array_equal(np.asarray(mask), np.asarray(_mask(9, 8, 6, 6)))
     masks = source.generator_masks("bottle", "crack")
     assert len(masks) == 2 and all(m.dtype == bool for m in masks)
     assert np.array_equal(masks[1], np.asarray(_mask(10, 7)) > 0)
@@ -423,3 +452,45 @@ def test_source_refuses_what_it_cannot_use(source_dir, tmp_path):
     empty = SourceData(str(tmp_path / "empty_mask"), "ad")
     with pytest.raises(SynthesisError, match=r"generator-fold mask of bottle/test/crack/000.png is empty"):
         empty.generator_masks("bottle", "crack")
+
+
+def test_prepared_masks_sit_on_the_object_for_objects_anywhere_for_textures(source):
+    """bottle is an object: its masks are centred on the object (the bright square 6:18); grid is a texture."""
+    def centres(items):
+        out = []
+        for item in items:
+            ys, xs = np.nonzero(np.asarray(item.prepare().mask))
+            out.append(((ys.min() + ys.max()) // 2, (xs.min() + xs.max()) // 2))
+        return out
+
+    on = [5 <= y <= 18 and 5 <= x <= 18 for y, x in centres(plan_items(source, [("bottle", "crack")], 10, seed=0))]
+    assert all(on)
+    on = [6 <= y < 18 and 6 <= x < 18 for y, x in centres(plan_items(source, [("grid", "bent")], 10, seed=0))]
+    assert not all(on)
+
+
+def test_prepared_mask_transforms_the_recorded_real_mask(source):
+    """The three broken masks have areas 4, 36 and 27 pixels; a sample keeps 0.56-1.56 times its source's."""
+    items = plan_items(source, [("bottle", "broken")], 12, seed=3)
+    assert len({i.record["mask_source"] for i in items}) == 3
+    for item in items:
+        h, w = BROKEN_SIZES[int(item.record["mask_source"][-7:-4])]
+        area = (np.asarray(item.prepare().mask) > 0).sum()
+        assert 0.4 * h * w <= area <= 2.0 * h * w, (item.record["mask_source"], area)
+
+
+def test_plan_records_no_model_unless_given(source):
+    assert plan_items(source, [("grid", "bent")], 1, seed=0)[0].record["model"] == ""
+
+
+def test_source_reads_gray_path_stored_and_odd_masks_as_rgb_and_boolean(source, source_dir):
+    assert source.normal(6).mode == "RGB" and source.normal(6).size == (SIDE, SIDE)  # grid: stored gray
+    assert np.array_equal(np.asarray(source.normal(6))[..., 0], np.asarray(_normal(10).convert("L")))
+    image, _ = source.anomaly(7)
+    assert image.mode == "RGB"
+    cable = source_dir.parent / "files" / "cable_1.png"
+    assert source.normal_bytes(11) == cable.read_bytes() and source.normal_size(11) == (SIDE, SIDE)
+    assert np.array_equal(np.asarray(source.normal(11)), np.asarray(_normal(11)))
+    (wood,) = source.generator_masks("wood", "hole")
+    assert wood.shape == (SIDE, SIDE) and wood.sum() == 24  # a three-channel mask read as one
+
