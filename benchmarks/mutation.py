@@ -20,15 +20,15 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "mutation"
@@ -56,16 +56,22 @@ def equivalents() -> dict[str, str]:
 
 def scratch_copy(dest: Path, module: str, tests: list[str]) -> None:
     """The checkout's files (tracked and untracked, not ignored) with a mutmut config for ``module``."""
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True, capture_output=True
-    ).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True, capture_output=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         src = ROOT / rel
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     pyproject = (dest / "pyproject.toml").read_text()
-    extra = f"only_mutate = [{json.dumps(module)}]\npytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
+    extra = (
+        f"only_mutate = [{json.dumps(module)}]\npytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
+    )
     pyproject = pyproject.replace("[tool.mutmut]\n", "[tool.mutmut]\n" + extra, 1)
     (dest / "pyproject.toml").write_text(pyproject)
 
@@ -189,7 +195,9 @@ def write_report(results: list[dict], date: str, budget: float, started: float) 
             continue
         lines += ["", f"## Survivors in `{r['module']}`", ""]
         if r["stale_equivalents"]:
-            lines.append(f"Listed as equivalent but the mutant changed (re-judge): {', '.join(r['stale_equivalents'])}")
+            lines.append(
+                f"Listed as equivalent but the mutant changed (re-judge): {', '.join(r['stale_equivalents'])}"
+            )
             lines.append("")
         for s in r["survivors"]:
             lines += [f"- `{s['name']}` ({s['status']}): `{s['line']}`"]
@@ -199,13 +207,43 @@ def write_report(results: list[dict], date: str, budget: float, started: float) 
     return md_path
 
 
+def rescore(date: str) -> int:
+    """Re-count a finished report's survivors against the (edited) equivalents file."""
+    path = RESULTS / f"{date}.json"
+    if not path.is_file():
+        print(f"mutation.py: error: no report {path.relative_to(ROOT)} to rescore", file=sys.stderr)
+        return 2
+    raw = json.loads(path.read_text())
+    equivalent = equivalents()
+    for r in raw["modules"]:
+        kept, stale = [], []
+        for s in r["survivors"]:
+            if equivalent.get(s["name"]) == s["line"]:
+                r["equivalent"] += 1
+                r["survived" if s["status"] == "survived" else "no_tests"] -= 1
+            else:
+                if s["name"] in equivalent:
+                    stale.append(s["name"])
+                kept.append(s)
+        r["survivors"], r["stale_equivalents"] = kept, stale
+        judged = r["killed"] + r["survived"] + r["no_tests"] + r["other"]
+        r["score"] = round(100 * r["killed"] / judged, 1) if judged else None
+    write_report(raw["modules"], date, raw["budget_minutes"], time.monotonic() - raw["minutes"] * 60)
+    print(f"rescored {path.relative_to(ROOT)}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="*", help="module files to run (default: all in pyproject.toml)")
     parser.add_argument("--budget", type=float, default=100.0, help="minutes for the whole run (default 100)")
     parser.add_argument("--date", default=dt.date.today().isoformat(), help="report name (default: today)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch copies (to inspect mutants)")
+    parser.add_argument("--rescore", action="store_true",
+                        help="run nothing: re-judge the report of --date against the equivalents file")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.rescore:
+        return rescore(args.date)
     configured = modules_from_pyproject()
     chosen = args.modules or list(configured)
     for module in chosen:
@@ -219,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.monotonic()
     previous = RESULTS / f"{args.date}.json"
-    results = {r["module"]: r for r in json.loads(previous.read_text())["modules"]} if previous.is_file() else {}
+    results = (
+        {r["module"]: r for r in json.loads(previous.read_text())["modules"]} if previous.is_file() else {}
+    )
     equivalent = equivalents()
     for i, module in enumerate(chosen):
         left = args.budget * 60 - (time.monotonic() - started)

@@ -218,7 +218,9 @@ def test_untransformed_draw_is_the_real_mask_and_each_parameter_does_what_it_say
     big_crop = np.kron(crop, np.ones((3, 3), bool))  # 15 x 21: large enough for whole pixels not to matter
     big_sampler = MaskSampler([paste(big_crop, (20, 20))], texture=True, area_margin=2.0)
     for angle in (0.0, 0.25):
-        big = big_sampler.sample(ScriptedRng(*draws(scale=1.0, angle=angle, centre=(20, 20))), (40, 40), source=0)[0]
+        big = big_sampler.sample(
+            ScriptedRng(*draws(scale=1.0, angle=angle, centre=(20, 20))), (40, 40), source=0
+        )[0]
         ys, xs = np.nonzero(big)
         box = sorted((ys.max() - ys.min() + 1, xs.max() - xs.min() + 1))
         assert box[0] in (18, 19) and box[1] in (26, 27), box  # 18.75 x 26.25
@@ -286,7 +288,9 @@ def test_defaults_and_the_fallback_after_max_tries():
     fallback, source = MaskSampler([real]).sample(counting, (20, 40), source=0)
     assert source == 0 and not counting.fractions  # exactly 20 draws were used
     assert np.array_equal(fallback, real[::2, ::2])
-    assert np.array_equal(MaskSampler([real], max_tries=0).sample(None, (20, 40), source=0)[0], real[::2, ::2])
+    assert np.array_equal(
+        MaskSampler([real], max_tries=0).sample(None, (20, 40), source=0)[0], real[::2, ::2]
+    )
     # a mask thinner than a canvas pixel falls back to its centre pixel, at the bottom right too
     for y, x, expected in ((37, 101, (7, 20)), (59, 119, (11, 23))):
         dot = np.zeros((60, 120), bool)
@@ -343,7 +347,9 @@ def test_foreground_rule_edges_threshold_border_grid_and_gray():
     one_percent[50:60, 50:60] = 200
     fg = estimate_foreground(one_percent)
     assert fg.mean() == 0.01 and fg[50:60, 50:60].all()
-    tiny = estimate_foreground(np.pad(np.full((9, 9), 200, np.uint8), ((45, 46), (45, 46)), constant_values=50))
+    tiny = estimate_foreground(
+        np.pad(np.full((9, 9), 200, np.uint8), ((45, 46), (45, 46)), constant_values=50)
+    )
     assert tiny.all() and tiny.dtype == bool
     # a grid of at most 128 per side: 129 pixels -> every 2nd pixel
     assert estimate_foreground(np.zeros((129, 100, 3), np.uint8)).shape == (65, 50)

@@ -78,7 +78,9 @@ def _build(root: Path, *, fold_eval_all: bool = False) -> Path:
             train["category"].append(category)
             train["is_anomaly"].append(False)
             train["path"].append(f"{category}/train/good/{i:03d}.png")
-    test = {k: [] for k in ("image", "mask", "caption", "category", "defect_type", "is_anomaly", "fold", "path")}
+    test = {
+        k: [] for k in ("image", "mask", "caption", "category", "defect_type", "is_anomaly", "fold", "path")
+    }
 
     def add(category, defect, fold, i, y, x, anomaly=True, size=(4, 6)):
         image = _normal(40 + len(test["image"]))
@@ -117,7 +119,10 @@ def _build(root: Path, *, fold_eval_all: bool = False) -> Path:
          "is_anomaly": datasets.Value("bool"), "fold": datasets.Value("string"), "path": datasets.Value("string")}
     )  # fmt: skip
     dd = datasets.DatasetDict(
-        {"train": datasets.Dataset.from_dict(train, features), "test": datasets.Dataset.from_dict(test, test_features)}
+        {
+            "train": datasets.Dataset.from_dict(train, features),
+            "test": datasets.Dataset.from_dict(test, test_features),
+        }
     )
     folder = root / ("all_eval" if fold_eval_all else "source")
     dd.save_to_disk(str(folder))
@@ -136,7 +141,13 @@ def source(source_dir) -> SourceData:
 
 # ------------------------------------------------------------------ seeds: one per item, from the item alone
 def test_item_seed_differs_for_every_item_and_depends_on_its_identity_alone():
-    keys = [(s, c, t, k) for s in (0, 1) for c in ("bottle", "grid") for t in ("broken", "crack") for k in range(8)]
+    keys = [
+        (s, c, t, k)
+        for s in (0, 1)
+        for c in ("bottle", "grid")
+        for t in ("broken", "crack")
+        for k in range(8)
+    ]
     seeds = [item_seed(*key) for key in keys]
     assert len(set(seeds)) == len(keys)  # each of seed, category, type and k changes the seed
     assert seeds == [item_seed(*key) for key in keys]  # a pure function: same identity, same seed
@@ -149,7 +160,9 @@ def test_item_seed_differs_for_every_item_and_depends_on_its_identity_alone():
 def test_plan_seeds_every_item_from_seed_category_type_k_alone(source):
     pairs = [("bottle", "broken"), ("bottle", "crack"), ("grid", "bent")]
     items = plan_items(source, pairs, 4, seed=7)
-    assert [(i.record["category"], i.record["defect_type"]) for i in items] == [p for p in pairs for _ in range(4)]
+    assert [(i.record["category"], i.record["defect_type"]) for i in items] == [
+        p for p in pairs for _ in range(4)
+    ]
     for item in items:
         category, defect = item.record["category"], item.record["defect_type"]
         k = int(Path(item.image_path).stem)
@@ -158,7 +171,13 @@ def test_plan_seeds_every_item_from_seed_category_type_k_alone(source):
     # an item does not depend on what else is planned: alone, with fewer items, it is the same item
     alone = plan_items(source, [("grid", "bent")], 2, seed=7)
     for a, b in zip(alone, items[8:10], strict=True):
-        assert (a.seed, a.record, a.image_path, a.mask_path, a.size) == (b.seed, b.record, b.image_path, b.mask_path, b.size)
+        assert (a.seed, a.record, a.image_path, a.mask_path, a.size) == (
+            b.seed,
+            b.record,
+            b.image_path,
+            b.mask_path,
+            b.size,
+        )
         pa, pb = a.prepare(), b.prepare()
         assert np.array_equal(np.asarray(pa.mask), np.asarray(pb.mask))
         assert np.array_equal(np.asarray(pa.image), np.asarray(pb.image)) and pa.prompt == pb.prompt
@@ -191,7 +210,9 @@ def test_every_item_gets_its_own_noise_whatever_the_batch(tmp_path):
                                "split_between_processes": staticmethod(lambda b: _Ctx(b))})()  # fmt: skip
     one, many = NoisePipe(), NoisePipe()
     run_items(one, items(), tmp_path / "a", 1, {"num_inference_steps": 2}, progress=False, state=state)
-    summary = run_items(many, items(), tmp_path / "b", 3, {"num_inference_steps": 2}, progress=False, state=state)
+    summary = run_items(
+        many, items(), tmp_path / "b", 3, {"num_inference_steps": 2}, progress=False, state=state
+    )
     assert [c["n"] for c in one.calls] == [1] * 5 and [c["n"] for c in many.calls] == [3, 2]
     assert many.calls[0]["kw"] == {"num_inference_steps": 2} and many.calls[0]["prompt"] == ["p"] * 3
     assert many.calls[0]["ref"] is None
@@ -234,7 +255,10 @@ def test_batches_group_same_sized_items_in_item_order():
 def test_summary_line_and_rate(capsys):
     s = Summary(made=6, skipped=2, seconds=3.0)
     assert s.images_per_second == 2.0
-    assert s.line("axf synthesize") == "axf synthesize: made 6, skipped 2 (already finished), 3.0 s, 2.00 images/s"
+    assert (
+        s.line("axf synthesize")
+        == "axf synthesize: made 6, skipped 2 (already finished), 3.0 s, 2.00 images/s"
+    )
     assert Summary(3, 0, 0.0).images_per_second == 0.0
     assert report_input_error("axf generate", SynthesisError("bad\n  thing")) == 2
     assert capsys.readouterr().err == "axf generate: error: bad thing\n"
@@ -292,7 +316,9 @@ def test_check_model_needs_an_axf_pipeline(tmp_path, monkeypatch):
         raise OSError("offline")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    with pytest.raises(SynthesisError, match=r"--model org/model: cannot fetch its model_index.json \(OSError\)"):
+    with pytest.raises(
+        SynthesisError, match=r"--model org/model: cannot fetch its model_index.json \(OSError\)"
+    ):
         check_model("org/model")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: str(good / name))
     check_model("org/model")
@@ -305,7 +331,9 @@ def test_output_folder_is_claimed_resumed_or_refused(tmp_path):
     out.mkdir()
     check_output(out, "axf synthesize", settings, ["a.png"])  # empty: fine
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(SynthesisError, match=rf"it holds notes.txt, which `axf synthesize` did not write \(no {MARKER}\)"):
+    with pytest.raises(
+        SynthesisError, match=rf"it holds notes.txt, which `axf synthesize` did not write \(no {MARKER}\)"
+    ):
         check_output(out, "axf synthesize", settings, ["a.png"])
     (out / "notes.txt").unlink()
     (out / "sub").mkdir()
@@ -344,11 +372,15 @@ def test_select_checks_names_and_keeps_only_pairs_with_a_generator_fold(source, 
     assert select(source, ["bottle"], ["crack"]) == [("bottle", "crack")]
     with pytest.raises(SynthesisError, match=r"unknown category 'bottel'; .* has bottle, cable, grid, wood$"):
         select(source, ["bottel"], None)
-    with pytest.raises(SynthesisError, match=r"unknown defect type 'bent' in categories bottle; available: broken, crack"):
+    with pytest.raises(
+        SynthesisError, match=r"unknown defect type 'bent' in categories bottle; available: broken, crack"
+    ):
         select(source, ["bottle"], ["bent"])
     with pytest.raises(SynthesisError, match=r"unknown defect type 'x' in categories cable; available: $"):
         select(source, ["cable"], ["x"])
-    with pytest.raises(SynthesisError, match=r"'hole' in categories bottle, grid; available: bent, broken, crack$"):
+    with pytest.raises(
+        SynthesisError, match=r"'hole' in categories bottle, grid; available: bent, broken, crack$"
+    ):
         select(source, ["bottle", "grid"], ["hole"])
     with pytest.raises(SynthesisError, match=r"category 'grid' of .* has no anomalies \(test split\)"):
         select(source, ["bottle", "grid"], ["crack"])
@@ -357,7 +389,10 @@ def test_select_checks_names_and_keeps_only_pairs_with_a_generator_fold(source, 
     with pytest.raises(SynthesisError, match=r"category 'wood' of .* has no train normals to start from"):
         select(source, ["wood"], None)
     no_gen = SourceData(str(_build(tmp_path, fold_eval_all=True)), "ad")
-    with pytest.raises(SynthesisError, match=r"defect type bottle/broken has no generator-fold anomaly in .*; drop it with --defect-types$"):
+    with pytest.raises(
+        SynthesisError,
+        match=r"defect type bottle/broken has no generator-fold anomaly in .*; drop it with --defect-types$",
+    ):
         select(no_gen, ["bottle"], None)
 
 
@@ -369,13 +404,20 @@ def test_plan_reads_train_normals_and_generator_fold_only(source):
         r = item.record
         assert r["source_image"].split("/")[:3] == [r["category"], "train", "good"]
         assert r["source_image"] != "bottle/train/good/005.png"  # never the held-out normal
-        assert r["mask_source"].split("/")[2] == r["defect_type"] and r["reference"].split("/")[2] == r["defect_type"]
+        assert (
+            r["mask_source"].split("/")[2] == r["defect_type"]
+            and r["reference"].split("/")[2] == r["defect_type"]
+        )
         assert int(r["mask_source"][-7:-4]) < 3 and int(r["reference"][-7:-4]) < 3  # generator rows only
         assert r["caption"].startswith(f"a {r['defect_type']} {r['category']} #")
         assert r["is_anomaly"] is True and r["model"] == "m"
         assert item.image_path == f"mvtec/{r['category']}/test/{r['defect_type']}/{item.image_path[-7:]}"
-        assert item.mask_path == item.image_path.replace("/test/", "/ground_truth/").replace(".png", "_mask.png")
-        assert item.size == (SIDE, SIDE) and item.context == {"base": int(r["source_image"][-7:-4]) + (6 if r["category"] == "grid" else 0)}
+        assert item.mask_path == item.image_path.replace("/test/", "/ground_truth/").replace(
+            ".png", "_mask.png"
+        )
+        assert item.size == (SIDE, SIDE) and item.context == {
+            "base": int(r["source_image"][-7:-4]) + (6 if r["category"] == "grid" else 0)
+        }
     # draws vary over items: several normals, masks, captions and references are used
     for key in ("source_image", "mask_source", "caption", "reference"):
         assert len({i.record[key] for i in items[:12]}) >= 2, key
@@ -407,17 +449,26 @@ def test_source_indexes_by_category_and_fold(source, source_dir):
     assert source.name == f"{source_dir} (ad)"
     assert source.categories == ["bottle", "cable", "grid", "wood"]
     assert dict(source.all_types) == {"bottle": {"broken", "crack"}, "grid": {"bent"}, "wood": {"hole"}}
-    assert source.generator[("bottle", "broken")] == [0, 1, 2] and source.generator[("grid", "bent")] == [7, 8]
+    assert source.generator[("bottle", "broken")] == [0, 1, 2] and source.generator[("grid", "bent")] == [
+        7,
+        8,
+    ]
     assert source.normals["bottle"] == list(range(6)) and source.normals["grid"] == list(range(6, 10))
     assert source.bases_and_held_out("bottle") == ([0, 1, 2, 3, 4], [5])  # the last floor(6 / 5)
     assert source.bases_and_held_out("grid") == ([6, 7, 8, 9], [])
     assert source.bases_and_held_out("none") == ([], [])
-    assert source.path("train", 3) == "bottle/train/good/003.png" and source.caption(1) == "a broken bottle #1"
+    assert (
+        source.path("train", 3) == "bottle/train/good/003.png" and source.caption(1) == "a broken bottle #1"
+    )
     assert source.normal_size(0) == (SIDE, SIDE)
     assert np.array_equal(np.asarray(source.normal(2)), np.asarray(_normal(2)))
     assert PIL.Image.open(io.BytesIO(source.normal_bytes(2))).convert("RGB").tobytes() == _normal(2).tobytes()
     image, mask = source.anomaly(1)
-    assert image.mode == "RGB" and mask.mode == "L" and np.array_equal(np.asarray(mask), np.asarray(_mask(9, 8, 6, 6)))
+    assert (
+        image.mode == "RGB"
+        and mask.mode == "L"
+        and np.array_equal(np.asarray(mask), np.asarray(_mask(9, 8, 6, 6)))
+    )
     masks = source.generator_masks("bottle", "crack")
     assert len(masks) == 2 and all(m.dtype == bool for m in masks)
     assert np.array_equal(masks[1], np.asarray(_mask(10, 7)) > 0)
@@ -431,19 +482,26 @@ def test_source_never_reads_the_evaluation_fold(source):
 
 
 def test_source_refuses_what_it_cannot_use(source_dir, tmp_path):
-    with pytest.raises(SynthesisError, match=rf"--dataset {tmp_path / 'nothing'} \(config 'ad'\) cannot be loaded"):
+    with pytest.raises(
+        SynthesisError, match=rf"--dataset {tmp_path / 'nothing'} \(config 'ad'\) cannot be loaded"
+    ):
         SourceData(str(tmp_path / "nothing"), "ad")
     d = datasets.load_from_disk(str(source_dir))
     d["train"].save_to_disk(str(tmp_path / "one"))  # one Dataset, not a DatasetDict
-    with pytest.raises(SynthesisError, match=rf"--dataset {tmp_path / 'one'} \(config 'ad'\) cannot be loaded"):
+    with pytest.raises(
+        SynthesisError, match=rf"--dataset {tmp_path / 'one'} \(config 'ad'\) cannot be loaded"
+    ):
         SourceData(str(tmp_path / "one"), "ad")
     datasets.DatasetDict({"train": d["train"]}).save_to_disk(str(tmp_path / "no_test"))
     with pytest.raises(SynthesisError, match=r"has no 'test' split; it has \['train'\]"):
         SourceData(str(tmp_path / "no_test"), "ad")
-    datasets.DatasetDict({"train": d["train"], "test": d["test"].remove_columns(["fold", "caption"])}).save_to_disk(
-        str(tmp_path / "no_fold")
-    )
-    with pytest.raises(SynthesisError, match=r"the test split lacks the column\(s\) caption, fold \(synthesis needs image, mask"):
+    datasets.DatasetDict(
+        {"train": d["train"], "test": d["test"].remove_columns(["fold", "caption"])}
+    ).save_to_disk(str(tmp_path / "no_fold"))
+    with pytest.raises(
+        SynthesisError,
+        match=r"the test split lacks the column\(s\) caption, fold \(synthesis needs image, mask",
+    ):
         SourceData(str(tmp_path / "no_fold"), "ad")
     # an empty generator-fold mask is refused by name
     test = d["test"].map(lambda r, i: {"mask": _png(np.zeros((SIDE, SIDE), np.uint8))} if i == 4 else {},
@@ -456,6 +514,7 @@ def test_source_refuses_what_it_cannot_use(source_dir, tmp_path):
 
 def test_prepared_masks_sit_on_the_object_for_objects_anywhere_for_textures(source):
     """bottle is an object: its masks are centred on the object (the bright square 6:18); grid is a texture."""
+
     def centres(items):
         out = []
         for item in items:
@@ -463,7 +522,10 @@ def test_prepared_masks_sit_on_the_object_for_objects_anywhere_for_textures(sour
             out.append(((ys.min() + ys.max()) // 2, (xs.min() + xs.max()) // 2))
         return out
 
-    on = [5 <= y <= 18 and 5 <= x <= 18 for y, x in centres(plan_items(source, [("bottle", "crack")], 10, seed=0))]
+    on = [
+        5 <= y <= 18 and 5 <= x <= 18
+        for y, x in centres(plan_items(source, [("bottle", "crack")], 10, seed=0))
+    ]
     assert all(on)
     on = [6 <= y < 18 and 6 <= x < 18 for y, x in centres(plan_items(source, [("grid", "bent")], 10, seed=0))]
     assert not all(on)
@@ -493,4 +555,3 @@ def test_source_reads_gray_path_stored_and_odd_masks_as_rgb_and_boolean(source, 
     assert np.array_equal(np.asarray(source.normal(11)), np.asarray(_normal(11)))
     (wood,) = source.generator_masks("wood", "hole")
     assert wood.shape == (SIDE, SIDE) and wood.sum() == 24  # a three-channel mask read as one
-
