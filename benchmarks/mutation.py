@@ -20,6 +20,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,7 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "mutation"
@@ -44,13 +48,12 @@ def modules_from_pyproject() -> dict[str, list[str]]:
 
 
 def equivalents() -> dict[str, str]:
-    """``mutant name -> mutated line`` from the equivalents file's table rows ``| name | `line` | reason |``."""
+    """``mutant name -> mutated line`` from the equivalents file's entries ``- `name`: `line` — reason``."""
     found = {}
     if EQUIVALENT.is_file():
         for row in EQUIVALENT.read_text().splitlines():
-            cells = [c.strip() for c in row.strip().strip("|").split("|")]
-            if len(cells) >= 3 and "__mutmut_" in cells[0]:
-                found[cells[0].strip("`")] = cells[1].strip("`")
+            if match := re.match(r"^- `([^`]+__mutmut_\d+)`: `(.*)` — \S", row):
+                found[match[1]] = match[2].strip()
     return found
 
 

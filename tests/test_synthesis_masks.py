@@ -353,3 +353,22 @@ def test_foreground_rule_edges_threshold_border_grid_and_gray():
     assert tiny.all() and tiny.dtype == bool
     # a grid of at most 128 per side: 129 pixels -> every 2nd pixel
     assert estimate_foreground(np.zeros((129, 100, 3), np.uint8)).shape == (65, 50)
+
+
+def test_contact_sheet_tints_masks_on_gray_rgb_and_rgba_normals_four_per_row():
+    normals = [np.full((10, 14), 100, np.uint8), np.full((10, 14, 3), 50, np.uint8)]
+    normals += [np.full((10, 14, 4), 200, np.uint8)] + [np.full((10, 14), 10 * i, np.uint8) for i in range(2)]
+    masks = [np.zeros((10, 14), bool) for _ in normals]
+    for m in masks:
+        m[2:4, 3:9] = True
+    sheet = np.asarray(contact_sheet(normals, masks))  # default: 4 columns
+    assert sheet.shape == (20, 56, 3)
+    tile = sheet[:10, :14]
+    assert (tile[2:4, 3:9] == [193, 40, 40]).all()  # 0.4 * grey + 0.6 * pure red
+    assert (tile[~masks[0]] == 100).all()
+    assert (sheet[:10, 28:42][2:4, 3:9] == [233, 80, 80]).all()  # the RGBA normal, alpha dropped
+    assert (sheet[10:20, :14][~masks[4]] == 10).all() and (
+        sheet[10:20, 14:] == 255
+    ).all()  # empty cells white
+    with pytest.raises(ValueError):
+        contact_sheet(normals, masks[:-1])  # a mask for every normal
