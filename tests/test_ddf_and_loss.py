@@ -26,3 +26,15 @@ def test_loss_defaults_to_the_mask_only_weight_and_pools_the_mask_by_the_latent_
     mask[..., 0:8, 0:8] = 1  # cell (0, 0): error 0 there
     assert noise_prediction_loss(pred, target, mask).item() == 0.0
     assert noise_prediction_loss(pred, target, mask, 0.0).item() == pytest.approx(4.0 / 8)
+
+
+def test_loss_and_ddf_keep_the_precision_they_work_in():
+    """float64 weights or masks do not turn the float32 loss into float64; a float64 (or half) DDF takes the
+    float32 sinusoidal timestep embedding in its own precision."""
+    pred, target = torch.randn(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    mask = torch.ones(2, 1, 16, 16, dtype=torch.float64)
+    weights = torch.ones(2, dtype=torch.float64)
+    assert noise_prediction_loss(pred, target, mask, 1.0).dtype == torch.float32
+    assert noise_prediction_loss(pred, target, None, 0.0, weights).dtype == torch.float32
+    ddf = DynamicDifFusion(cross_attention_dim=8, timestep_channels=4).to(torch.float64)
+    assert ddf(torch.randn(1, 2, 8, dtype=torch.float64), 5).dtype == torch.float64
