@@ -351,12 +351,19 @@ def test_foreground_rule_edges_threshold_border_grid_and_gray():
         np.pad(np.full((9, 9), 200, np.uint8), ((45, 46), (45, 46)), constant_values=50)
     )
     assert tiny.all() and tiny.dtype == bool
+    # the frame is at least one pixel wide: on a 24-pixel image (4 % = 0.96) it is the outer ring only,
+    # whose median (48 of its 92 pixels are 0) is 0; the second ring (200) would have tipped it to 200
+    small = np.zeros((24, 24), np.uint8)
+    small[:, [0, -1]] = 200
+    small[[0, -1], :] = 0
+    small[1, 1:-1] = small[-2, 1:-1] = small[1:-1, 1] = small[1:-1, -2] = 200
+    assert np.array_equal(estimate_foreground(small), small == 200)
     # a grid of at most 128 per side: 129 pixels -> every 2nd pixel
     assert estimate_foreground(np.zeros((129, 100, 3), np.uint8)).shape == (65, 50)
 
 
 def test_contact_sheet_tints_masks_on_gray_rgb_and_rgba_normals_four_per_row():
-    normals = [np.full((10, 14), 100, np.uint8), np.full((10, 14, 3), 50, np.uint8)]
+    normals = [np.full((10, 14), 102, np.uint8), np.full((10, 14, 3), 50, np.uint8)]
     normals += [np.full((10, 14, 4), 200, np.uint8)] + [np.full((10, 14), 10 * i, np.uint8) for i in range(2)]
     masks = [np.zeros((10, 14), bool) for _ in normals]
     for m in masks:
@@ -364,8 +371,8 @@ def test_contact_sheet_tints_masks_on_gray_rgb_and_rgba_normals_four_per_row():
     sheet = np.asarray(contact_sheet(normals, masks))  # default: 4 columns
     assert sheet.shape == (20, 56, 3)
     tile = sheet[:10, :14]
-    assert (tile[2:4, 3:9] == [193, 40, 40]).all()  # 0.4 * grey + 0.6 * pure red
-    assert (tile[~masks[0]] == 100).all()
+    assert (tile[2:4, 3:9] == [193, 40, 40]).all()  # 0.4 * grey + 0.6 * pure red: 193.8, 40.8, 40.8
+    assert (tile[~masks[0]] == 102).all()
     assert (sheet[:10, 28:42][2:4, 3:9] == [233, 80, 80]).all()  # the RGBA normal, alpha dropped
     assert (sheet[10:20, :14][~masks[4]] == 10).all() and (
         sheet[10:20, 14:] == 255
