@@ -28,6 +28,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from mvtec_caption._io import atomic_write
+from mvtec_caption.layout import fold_of
+
 from . import downstream as ds
 from .measure import outside_mask_change, read_defect
 from .toy_data import CATEGORY, COLOURS, SHAPES, caption_for, make_toy_tree, square_mask, vocabulary
@@ -84,7 +87,7 @@ def tiny_base(work: Path, toy, size: int, vae_steps: int, seed: int) -> tuple[Pa
         masks.append(np.zeros(images[-1].shape[:2], np.uint8))
     for folder in sorted((toy.root / CATEGORY / "ground_truth").iterdir()):
         mask_paths = sorted(folder.glob("*_mask.png"))
-        for mask_path in mask_paths[: len(mask_paths) // 3]:
+        for mask_path in (m for i, m in enumerate(mask_paths) if fold_of(i, len(mask_paths)) == "generator"):
             image_path = toy.root / CATEGORY / "test" / folder.name / mask_path.name.replace("_mask", "")
             images.append(np.asarray(Image.open(image_path).convert("RGB")))
             masks.append(np.asarray(Image.open(mask_path)))
@@ -306,9 +309,7 @@ def write_report(work: Path, results: list[dict], started: float, args, downstre
         "stage_seconds": {k: round(v, 1) for k, v in TIMINGS.items()},
         "settings": vars(args),
     }
-    ds._save_atomic(
-        work / "metrics.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2, default=str))
-    )
+    atomic_write(work / "metrics.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2, default=str)))
     table = [
         "| model | text controllability | colour | shape | max change outside mask | downstream pixel AP |",
         "|---|---|---|---|---|---|",
@@ -331,7 +332,7 @@ def write_report(work: Path, results: list[dict], started: float, args, downstre
     table += ["", "| stage | wall time |", "|---|---|"]
     table += [f"| {k} | {v:.0f} s |" for k, v in TIMINGS.items()]
     table.append(f"| total | {time.perf_counter() - started:.0f} s |")
-    ds._save_atomic(work / "results.md", lambda tmp: tmp.write_text("\n".join(table) + "\n"))
+    atomic_write(work / "results.md", lambda tmp: tmp.write_text("\n".join(table) + "\n"))
     return table
 
 
