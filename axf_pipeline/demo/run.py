@@ -29,6 +29,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from mvtec_caption._io import atomic_write
+from mvtec_caption.command import run_command
 from mvtec_caption.layout import fold_of
 
 from . import downstream as ds
@@ -336,12 +337,12 @@ def write_report(work: Path, results: list[dict], started: float, args, downstre
     return table
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m axf_pipeline.demo",
-        description="Offline end-to-end demo: toy MVTec Caption set -> training -> synthesis -> measurement.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+DESCRIPTION = "Offline end-to-end demo: toy MVTec Caption set -> training -> synthesis -> measurement."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The demo's flags (``python -m axf_pipeline.demo``, ``axf demo``)."""
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     p.add_argument("--output_dir", default="outputs/demo", help="Everything the run writes goes here.")
     p.add_argument("--ablation", action="store_true", help="Run the five models of paper table 6.")
     p.add_argument("--size", type=int, default=32, help="Toy image size in pixels.")
@@ -377,11 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="CLIP vision encoder to go with --pretrained_model_name_or_path.",
     )
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_command("python -m axf_pipeline.demo", DESCRIPTION, add_arguments, run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
     if (args.pretrained_model_name_or_path is None) != (args.image_encoder is None):
         raise SystemExit("--pretrained_model_name_or_path and --image_encoder go together")
     torch.manual_seed(args.seed)

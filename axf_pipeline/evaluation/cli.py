@@ -12,6 +12,8 @@ import argparse
 import json
 import sys
 
+from mvtec_caption.command import run_command
+
 __all__ = ["add_arguments", "check_arguments", "main", "run"]
 
 
@@ -200,9 +202,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m axf_pipeline.evaluation", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_command("python -m axf_pipeline.evaluation", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

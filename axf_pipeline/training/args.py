@@ -6,16 +6,25 @@ import argparse
 import os
 from collections.abc import Sequence
 
+from mvtec_caption.command import command_parser
+
 
 class TrainingInputError(ValueError):
     """Bad training input, found at start-up before any compute. The message names the flag or file."""
 
 
+DESCRIPTION = (
+    "Train AnomalyXFusion (MIF + DDF, optional UNet LoRA) on MVTec Caption. Run with `accelerate launch "
+    "train.py ...` or `accelerate launch -m axf_pipeline.training ...` for one or several GPUs/processes."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Train AnomalyXFusion (MIF + DDF, optional UNet LoRA) on MVTec Caption. "
-        "Run with `accelerate launch train.py ...` for one or several GPUs/processes."
-    )
+    """``train.py``'s parser (``axf train`` builds the same one from :func:`add_arguments`)."""
+    return command_parser(None, DESCRIPTION, add_arguments)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
         "--pretrained_model_name_or_path",
@@ -175,7 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--private", action="store_true", help="Create the Hub repo private.")
     g.add_argument("--metrics_file", default=None, help="JSON {metric: value} to put in the model card.")
     g.add_argument("--license", default="cc-by-nc-sa-4.0", help="Model licence for the card (MVTec's terms).")
-    return p
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
