@@ -106,7 +106,23 @@ def build_tiny_components(
         use_aggregator=use_aggregator,
     )
     ddf = DynamicDifFusion(cross_attention_dim=cross_attention_dim, timestep_channels=32) if use_ddf else None
-    sched = _tiny_scheduler(scheduler)
+    return pipeline_components(
+        vae,
+        text_encoder,
+        tokenizer,
+        image_encoder,
+        feature_extractor,
+        unet,
+        _tiny_scheduler(scheduler),
+        mif,
+        ddf,
+    )
+
+
+def pipeline_components(
+    vae, text_encoder, tokenizer, image_encoder, feature_extractor, unet, scheduler, mif, ddf
+) -> dict:
+    """The keyword arguments of :class:`AnomalyXFusionPipeline`, by name."""
     return {
         "vae": vae,
         "text_encoder": text_encoder,
@@ -114,7 +130,7 @@ def build_tiny_components(
         "image_encoder": image_encoder,
         "feature_extractor": feature_extractor,
         "unet": unet,
-        "scheduler": sched,
+        "scheduler": scheduler,
         "mif": mif,
         "ddf": ddf,
     }
@@ -302,17 +318,9 @@ def build_sd15_components(
     feature_extractor = CLIPImageProcessor(
         size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
     )
-    return {
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "image_encoder": image_encoder,
-        "feature_extractor": feature_extractor,
-        "unet": unet,
-        "scheduler": small["scheduler"],
-        "mif": mif,
-        "ddf": ddf,
-    }
+    return pipeline_components(
+        vae, text_encoder, tokenizer, image_encoder, feature_extractor, unet, small["scheduler"], mif, ddf
+    )
 
 
 def _sd15_modules(unet_in_channels: int, tokenizer) -> tuple:

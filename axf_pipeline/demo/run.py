@@ -29,7 +29,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from mvtec_caption._io import atomic_write
-from mvtec_caption.command import run_command
+from mvtec_caption.command import command_parser
 from mvtec_caption.layout import fold_of
 
 from . import downstream as ds
@@ -380,8 +380,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return command_parser("python -m axf_pipeline.demo", DESCRIPTION, add_arguments)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_command("python -m axf_pipeline.demo", DESCRIPTION, add_arguments, run, argv)
+    return run(build_parser().parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -129,6 +129,11 @@ def _measure(
     return out, curve
 
 
+def _run_settings(options: HarnessOptions) -> dict:
+    """Device, seed and progress bars: the same for every metric."""
+    return {"device": options.device, "seed": options.seed, "progress": options.progress}
+
+
 def _ic_lpips(real: RealData, c: str, samples: list[Sample], options: HarnessOptions) -> dict:
     gen_by_type = {t: [s.load_image() for s in v] for t, v in group_by(samples, "defect_type").items()}
     centres = {t: [s.load_image() for s in v] for t, v in group_by(real.centres(c), "defect_type").items()}
@@ -140,10 +145,8 @@ def _ic_lpips(real: RealData, c: str, samples: list[Sample], options: HarnessOpt
         max_cluster_size=options.max_cluster_size,
         small_clusters=options.small_clusters,
         resolution=options.lpips_resolution,
-        seed=options.seed,
         random_backbone=options.random_backbones,
-        device=options.device,
-        progress=options.progress,
+        **_run_settings(options),
     ).to_dict()
 
 
@@ -157,9 +160,7 @@ def _localization(real: RealData, c: str, samples: list[Sample], options: Harnes
         batch_size=options.batch_size,
         base_channels=options.unet_channels,
         depth=options.unet_depth,
-        device=options.device,
-        seed=options.seed,
-        progress=options.progress,
+        **_run_settings(options),
     )
     return evaluate_localization(
         model, real.test_set(c), resolution=options.resolution, device=options.device
@@ -176,9 +177,7 @@ def _classification(real: RealData, c: str, samples: list[Sample], options: Harn
         epochs=options.classifier_epochs,
         batch_size=options.batch_size,
         weights=options.classifier_weights,
-        device=options.device,
-        seed=options.seed,
-        progress=options.progress,
+        **_run_settings(options),
     )
     evaluation_fold = [s for s in real.test_set(c) if s.is_anomaly]
     return classification_accuracy(

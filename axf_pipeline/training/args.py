@@ -25,7 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
+    """``train.py``'s flags, by group, named after diffusers' training scripts."""
+    _model_flags(p.add_argument_group("model"))
+    _data_flags(p.add_argument_group("data"))
+    _optimisation_flags(p.add_argument_group("optimisation"))
+    _output_flags(p.add_argument_group("checkpoints, logging, publishing"))
+
+
+def _model_flags(g) -> None:
     g.add_argument(
         "--pretrained_model_name_or_path",
         required=True,
@@ -62,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "trained model. The unfused LoRA is always saved too, under <output_dir>/unet_lora/.",
     )
 
-    g = p.add_argument_group("data")
+
+def _data_flags(g) -> None:
     g.add_argument(
         "--dataset_name",
         required=True,
@@ -107,7 +115,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--no-random_flip on a small fixed dataset.",
     )
 
-    g = p.add_argument_group("optimisation")
+
+def _optimisation_flags(g) -> None:
     g.add_argument("--train_batch_size", type=int, default=4, help="Batch size per process.")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--learning_rate", type=float, default=1e-4)
@@ -157,7 +166,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "change mean brightness and colour; ~0.05-0.1. 0 = off.",
     )
 
-    g = p.add_argument_group("checkpoints, logging, publishing")
+
+def _output_flags(g) -> None:
     g.add_argument("--output_dir", required=True, help="Checkpoints, logs and the final pipeline go here.")
     g.add_argument("--checkpointing_steps", type=int, default=500)
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many.")
