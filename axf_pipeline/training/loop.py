@@ -228,12 +228,9 @@ def make_batches(args: argparse.Namespace, data, accelerator) -> Batches:
 
 
 def make_batch_encoder(args: argparse.Namespace, components: dict) -> BatchEncoder:
+    frozen = ("vae", "text_encoder", "tokenizer", "image_encoder", "feature_extractor")
     return BatchEncoder(
-        vae=components["vae"],
-        text_encoder=components["text_encoder"],
-        tokenizer=components["tokenizer"],
-        image_encoder=components["image_encoder"],
-        feature_extractor=components["feature_extractor"],
+        **{name: components[name] for name in frozen},
         scheduler=components["scheduler"].__class__.from_config(components["scheduler"].config),
         inpainting=components["unet"].config.in_channels == 9,
         cache_latents=args.cache_latents,
