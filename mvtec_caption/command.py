@@ -10,8 +10,9 @@ shows each flag once, as it is defined. Lives here because ``mvtec_caption`` imp
 from __future__ import annotations
 
 import argparse
+import sys
 
-__all__ = ["accept_both_spellings", "command_parser", "run_command"]
+__all__ = ["FlagParser", "command_parser", "run_command"]
 
 
 def _other_spelling(option: str) -> str | None:
@@ -22,24 +23,29 @@ def _other_spelling(option: str) -> str | None:
     return None if other == name else "--" + other
 
 
-def accept_both_spellings(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Registers the other spelling of every long flag of ``parser`` and its subcommands (returns ``parser``)."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for subparser in set(action.choices.values()):
-                accept_both_spellings(subparser)
-        for option in list(action.option_strings):
-            other = _other_spelling(option)
-            if other is not None and other not in parser._option_string_actions:
-                parser._option_string_actions[other] = action  # parsed as the flag, not listed in --help
-    return parser
+class FlagParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that reads a long flag in its other spelling as the flag it defines. Only the
+    defined spelling is registered, so ``--help`` and abbreviations work as in argparse; subcommands (made with
+    ``add_subparsers``) are ``FlagParser`` s too."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        end = args.index("--") if "--" in args else len(args)  # after a bare --, everything is a value
+        return super().parse_known_args([*map(self._defined_spelling, args[:end]), *args[end:]], namespace)
+
+    def _defined_spelling(self, arg: str) -> str:
+        flag, equals, value = arg.partition("=")
+        other = _other_spelling(flag)
+        if flag in self._option_string_actions or other not in self._option_string_actions:
+            return arg
+        return other + equals + value
 
 
 def command_parser(prog: str, description: str | None, add_arguments) -> argparse.ArgumentParser:
     """A parser named ``prog`` holding what ``add_arguments`` adds, both spellings accepted."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = FlagParser(prog=prog, description=description)
     add_arguments(parser)
-    return accept_both_spellings(parser)
+    return parser
 
 
 def run_command(prog: str, description: str | None, add_arguments, run, argv=None) -> int:

@@ -86,3 +86,9 @@ def test_accelerate_can_launch_training_as_a_module():
         and "--dataset_name" in out.stdout
         and "--pretrained_model_name_or_path" in out.stdout
     )
+
+
+def test_abbreviations_still_work_as_in_argparse():
+    parser, _ = subcommand_parser("dataset")
+    args = parser.parse_args(["build", "--work", "w", "--cache_dir=c"])
+    assert str(args.work_dir) == "w" and str(args.cache_dir) == "c"
