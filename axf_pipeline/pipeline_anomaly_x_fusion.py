@@ -112,6 +112,41 @@ def _vae_latents(encoder_output) -> torch.Tensor:
     raise AttributeError("could not read latents from the VAE encoder output")
 
 
+def _load_base(base, scheduler, torch_dtype, load_kwargs: dict) -> tuple:
+    """VAE, UNet, CLIP text encoder, tokenizer and scheduler of a Stable Diffusion checkpoint (or pipeline)."""
+    import diffusers
+
+    if isinstance(base, DiffusionPipeline):
+        parts = base.components
+        scheduler = scheduler if scheduler is not None else parts["scheduler"]
+        return parts["vae"], parts["unet"], parts["text_encoder"], parts["tokenizer"], scheduler
+    common = {k: v for k, v in load_kwargs.items() if k != "variant"}
+    weights = dict(use_safetensors=True, dtype=torch_dtype, variant=load_kwargs.get("variant"), **common)
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **weights)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **weights)
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **weights)
+    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **common)
+    if scheduler is None:
+        config = diffusers.DDIMScheduler.load_config(base, subfolder="scheduler", **common)
+        scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
+    return vae, unet, text_encoder, tokenizer, scheduler
+
+
+def _load_image_encoder(source, feature_extractor, subfolder, torch_dtype, load_kwargs: dict) -> tuple:
+    """The CLIP vision encoder and its image processor (``None`` when its folder has none)."""
+    sub = {"subfolder": subfolder} if subfolder else {}
+    common = {k: v for k, v in load_kwargs.items() if k != "variant"}
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(
+        source, use_safetensors=True, dtype=torch_dtype, **sub, **common
+    )
+    if feature_extractor is None:
+        try:
+            feature_extractor = CLIPImageProcessor.from_pretrained(source, **sub, **common)
+        except (OSError, ValueError):
+            feature_extractor = None
+    return image_encoder, feature_extractor
+
+
 class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusionLoraLoaderMixin):
     r"""Multi-modal anomaly synthesis: text, mask and a reference defect steer a Stable Diffusion UNet.
 
@@ -243,58 +278,11 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
             load_kwargs: passed to every ``from_pretrained`` (``revision``, ``cache_dir``, ``token``,
                 ``local_files_only``, ``variant`` ...). Weights load from safetensors only.
         """
-        import diffusers
-
-        if isinstance(base, DiffusionPipeline):
-            parts = base.components
-            vae, unet = parts["vae"], parts["unet"]
-            text_encoder, tokenizer = parts["text_encoder"], parts["tokenizer"]
-            scheduler = scheduler if scheduler is not None else parts["scheduler"]
-        else:
-            variant = load_kwargs.pop("variant", None)
-            common = dict(load_kwargs)
-            vae = AutoencoderKL.from_pretrained(
-                base,
-                subfolder="vae",
-                use_safetensors=True,
-                dtype=torch_dtype,
-                variant=variant,
-                **common,
-            )
-            unet = UNet2DConditionModel.from_pretrained(
-                base,
-                subfolder="unet",
-                use_safetensors=True,
-                dtype=torch_dtype,
-                variant=variant,
-                **common,
-            )
-            text_encoder = CLIPTextModel.from_pretrained(
-                base,
-                subfolder="text_encoder",
-                use_safetensors=True,
-                dtype=torch_dtype,
-                variant=variant,
-                **common,
-            )
-            tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **common)
-            if scheduler is None:
-                config = diffusers.DDIMScheduler.load_config(base, subfolder="scheduler", **common)
-                scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
-            load_kwargs = dict(common, variant=variant)
-
+        vae, unet, text_encoder, tokenizer, scheduler = _load_base(base, scheduler, torch_dtype, load_kwargs)
         if isinstance(image_encoder, (str, os.PathLike)):
-            source = image_encoder
-            sub = {"subfolder": image_encoder_subfolder} if image_encoder_subfolder else {}
-            common = {k: v for k, v in load_kwargs.items() if k != "variant"}
-            image_encoder = CLIPVisionModelWithProjection.from_pretrained(
-                source, use_safetensors=True, dtype=torch_dtype, **sub, **common
+            image_encoder, feature_extractor = _load_image_encoder(
+                image_encoder, feature_extractor, image_encoder_subfolder, torch_dtype, load_kwargs
             )
-            if feature_extractor is None:
-                try:
-                    feature_extractor = CLIPImageProcessor.from_pretrained(source, **sub, **common)
-                except (OSError, ValueError):
-                    feature_extractor = None
         if image_encoder is not None and feature_extractor is None:
             size = image_encoder.config.image_size
             feature_extractor = CLIPImageProcessor(

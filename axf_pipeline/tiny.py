@@ -75,75 +75,23 @@ def build_tiny_components(
     ``sample_size`` is the image size in pixels; the VAE downsamples by ``2 ** (len(vae_block_out_channels) - 1)``.
     ``unet_in_channels`` is 4 (blended sampling) or 9 (inpainting UNet).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-    )
-
     from .models import DynamicDifFusion, MultiModalInFusion
 
     if unet_in_channels not in (4, 9) and unet_in_channels != latent_channels:
         raise ValueError(f"unet_in_channels must be {latent_channels} or {2 * latent_channels + 1}")
     vae_scale = 2 ** (len(vae_block_out_channels) - 1)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=sample_size // vae_scale,
-        in_channels=unet_in_channels,
-        out_channels=latent_channels,
-        block_out_channels=block_out_channels,
-        layers_per_block=1,
-        norm_num_groups=norm_num_groups,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(block_out_channels) - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (len(block_out_channels) - 1) + ("UpBlock2D",),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8,
-    )
+    unet = _tiny_unet(
+        sample_size // vae_scale, unet_in_channels, latent_channels, block_out_channels, norm_num_groups,
+        cross_attention_dim,
+    )  # fmt: skip
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=vae_block_out_channels,
-        down_block_types=("DownEncoderBlock2D",) * len(vae_block_out_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(vae_block_out_channels),
-        latent_channels=latent_channels,
-        norm_num_groups=norm_num_groups,
-        sample_size=sample_size,
-    )
+    vae = _tiny_vae(sample_size, vae_block_out_channels, latent_channels, norm_num_groups)
     tokenizer = tiny_clip_tokenizer(words, model_max_length)
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=cross_attention_dim,
-            intermediate_size=2 * cross_attention_dim,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    image_size = 32
+    text_encoder = _tiny_text_encoder(tokenizer, cross_attention_dim, model_max_length)
     torch.manual_seed(seed)
-    image_encoder = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            projection_dim=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=image_size,
-            patch_size=8,
-        )
-    )
-    feature_extractor = CLIPImageProcessor(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
+    image_encoder, feature_extractor = _tiny_image_encoder(image_size=32)
     torch.manual_seed(seed)
     mif = MultiModalInFusion(
         cross_attention_dim=cross_attention_dim,
@@ -158,14 +106,23 @@ def build_tiny_components(
         use_aggregator=use_aggregator,
     )
     ddf = DynamicDifFusion(cross_attention_dim=cross_attention_dim, timestep_channels=32) if use_ddf else None
-    sched_kwargs = dict(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
+    return pipeline_components(
+        vae,
+        text_encoder,
+        tokenizer,
+        image_encoder,
+        feature_extractor,
+        unet,
+        _tiny_scheduler(scheduler),
+        mif,
+        ddf,
     )
-    sched = (
-        DDIMScheduler(**sched_kwargs, set_alpha_to_one=False)
-        if scheduler == "ddim"
-        else DDPMScheduler(**sched_kwargs)
-    )
+
+
+def pipeline_components(
+    vae, text_encoder, tokenizer, image_encoder, feature_extractor, unet, scheduler, mif, ddf
+) -> dict:
+    """The keyword arguments of :class:`AnomalyXFusionPipeline`, by name."""
     return {
         "vae": vae,
         "text_encoder": text_encoder,
@@ -173,10 +130,93 @@ def build_tiny_components(
         "image_encoder": image_encoder,
         "feature_extractor": feature_extractor,
         "unet": unet,
-        "scheduler": sched,
+        "scheduler": scheduler,
         "mif": mif,
         "ddf": ddf,
     }
+
+
+def _tiny_unet(
+    sample_size, in_channels, out_channels, block_out_channels, norm_num_groups, cross_attention_dim
+):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        block_out_channels=block_out_channels,
+        layers_per_block=1,
+        norm_num_groups=norm_num_groups,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(block_out_channels) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(block_out_channels) - 1) + ("UpBlock2D",),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+    )
+
+
+def _tiny_vae(sample_size, block_out_channels, latent_channels, norm_num_groups):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=block_out_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
+        latent_channels=latent_channels,
+        norm_num_groups=norm_num_groups,
+        sample_size=sample_size,
+    )
+
+
+def _tiny_text_encoder(tokenizer, hidden_size: int, model_max_length: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def _tiny_image_encoder(image_size: int) -> tuple:
+    """A two-layer CLIP vision tower and its image processor."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    image_encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            projection_dim=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=8,
+        )
+    )
+    feature_extractor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return image_encoder, feature_extractor
+
+
+def _tiny_scheduler(name: str):
+    """Stable Diffusion's noise schedule; DDIM (``"ddim"``) or DDPM."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    kwargs = dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
+    )
+    return DDIMScheduler(**kwargs, set_alpha_to_one=False) if name == "ddim" else DDPMScheduler(**kwargs)
 
 
 def stable_diffusion_pipeline(components: dict, pipeline_class=None, feature_extractor: bool = True):
@@ -278,17 +318,9 @@ def build_sd15_components(
     feature_extractor = CLIPImageProcessor(
         size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
     )
-    return {
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "image_encoder": image_encoder,
-        "feature_extractor": feature_extractor,
-        "unet": unet,
-        "scheduler": small["scheduler"],
-        "mif": mif,
-        "ddf": ddf,
-    }
+    return pipeline_components(
+        vae, text_encoder, tokenizer, image_encoder, feature_extractor, unet, small["scheduler"], mif, ddf
+    )
 
 
 def _sd15_modules(unet_in_channels: int, tokenizer) -> tuple:

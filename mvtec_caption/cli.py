@@ -1,4 +1,4 @@
-"""The `mvtec-caption` command: build, check and push the MVTec Caption export.
+"""`mvtec-caption` (also `axf dataset`, `python -m mvtec_caption`): build, check, push, verify MVTec Caption.
 
 mvtec-caption build --config loco --data-dir mvtec_loco_anomaly_detection.tar.xz --output outputs/mvtec_caption
 mvtec-caption build --config custom --data-dir MY_TREE [--captions my_captions.json] --name mine
@@ -25,6 +25,7 @@ from .captions import (
     shipped_captions_path,
     verify_shipped_captions,
 )
+from .command import run_command
 from .errors import MVTecCaptionError
 from .export import (
     CONFIGS,
@@ -40,8 +41,9 @@ from .sample_tree import make_sample_tree
 DEFAULT_WORK_DIR = Path("outputs") / "mvtec_caption_sample"
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mvtec-caption", description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The subcommands build, check, push and verify (``mvtec-caption``, ``python -m mvtec_caption``,
+    ``axf dataset``)."""
     commands = parser.add_subparsers(dest="command", required=True)
 
     build = commands.add_parser(
@@ -87,7 +89,6 @@ def _parser() -> argparse.ArgumentParser:
         "--source", type=Path, help="a local copy of the authors' Construct_*.py (no download)"
     )
     verify.add_argument("--cache-dir", type=Path, help="download cache")
-    return parser
 
 
 def _verify(args: argparse.Namespace) -> None:
@@ -153,8 +154,7 @@ def _build(args: argparse.Namespace) -> None:
     print(f'Load it with: datasets.load_dataset("{args.output}", "<config>")')
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     try:
         if args.command == "build":
             _build(args)
@@ -171,3 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command("mvtec-caption", __doc__.split("\n")[0], add_arguments, run, argv)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -28,6 +27,7 @@ from datasets.info import DatasetInfosDict
 from huggingface_hub import DatasetCard, DatasetCardData, HfApi
 from tqdm.auto import tqdm
 
+from ._io import atomic_write
 from .builder import CITATION, LICENSE, SPLITS, MVTecCaption
 from .errors import MVTecCaptionError
 from .images import decode
@@ -60,20 +60,9 @@ def read_marker(output: Path) -> dict:
         raise MVTecCaptionError(f"{path} is not a readable MVTec Caption export record ({err})") from err
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Temporary name, then rename: a kill leaves the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_marker(output: Path, marker: dict) -> None:
-    _write_atomic(output / MARKER, json.dumps(marker, indent=1, sort_keys=True))
+    text = json.dumps(marker, indent=1, sort_keys=True)
+    atomic_write(output / MARKER, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def check_output_dir(output: str | Path) -> Path:
@@ -333,7 +322,7 @@ def write_card(output: str | Path, infos: dict[str, datasets.DatasetInfo] | None
     sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     marker["readme_sha256"] = [*marker.get("readme_sha256", [])[-1:], sha]
     _write_marker(output, marker)
-    _write_atomic(readme, text)
+    atomic_write(readme, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     marker["readme_sha256"] = [sha]
     _write_marker(output, marker)
     return readme

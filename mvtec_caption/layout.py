@@ -50,10 +50,13 @@ class Record:
 
     @property
     def fold(self) -> str:
-        """Few-shot protocol: the first floor(n/3) anomalies of a defect type train the generator."""
-        if not self.is_anomaly:
-            return ""
-        return "generator" if self.index < self.count // 3 else "evaluation"
+        return fold_of(self.index, self.count) if self.is_anomaly else ""
+
+
+def fold_of(index: int, count: int) -> str:
+    """Few-shot protocol: the first floor(n/3) of a defect type's ``count`` anomalies (by ``index``, from 0)
+    train the generator; the rest are held out for evaluation."""
+    return "generator" if index < count // 3 else "evaluation"
 
 
 def find_data_root(path: str | Path, categories: Sequence[str]) -> Path:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The README's test command: sets up .venv on a fresh clone, then runs the whole offline suite.
+# The README's test command: sets up .venv on a fresh clone, builds the docs (a broken link or a page missing
+# from the nav fails), then runs the whole offline suite (extra arguments go to pytest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The app's browser test drives Debian's chromium; in CI (as root) install it when missing. A failed
@@ -9,4 +10,5 @@ if [ "${CI:-}" = "true" ] && [ "$(id -u)" = 0 ] && [ ! -x /usr/bin/chromium ] &&
     || echo "scripts/test.sh: could not install chromium; the app's browser test will skip" >&2
 fi
 source scripts/_venv.sh
+NO_MKDOCS_2_WARNING=1 python -m mkdocs build --strict --quiet
 python -m pytest -q "$@"

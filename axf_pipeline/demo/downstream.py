@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mvtec_caption._io import atomic_write
+
 from .toy_data import CATEGORY
 
 ROWS = ("AnomalyXFusion", "Perlin (DRAEM)", "real generator fold")
@@ -178,7 +180,7 @@ def write_pr_curves(rows: dict, path: Path) -> Path:
         ax.set(title=f"toy evaluation fold: {level} precision-recall", xlabel="recall", ylabel="precision")
         ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
-    _save_atomic(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     plt.close(fig)
     return path
 
@@ -211,12 +213,5 @@ def write_maps_picture(rows: dict, path: Path, per_type: int = 1, scale: int = 3
         for c, array in enumerate(cells):
             tile = Image.fromarray(array).resize((cell, cell), Image.NEAREST)
             grid.paste(tile, (c * cell, r * cell))
-    _save_atomic(path, lambda tmp: grid.save(tmp, format="png"))
+    atomic_write(path, lambda tmp: grid.save(tmp, format="png"))
     return path
-
-
-def _save_atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    tmp.replace(path)

@@ -28,6 +28,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from mvtec_caption._io import atomic_write
+from mvtec_caption.command import command_parser
+from mvtec_caption.layout import fold_of
+
 from . import downstream as ds
 from .measure import outside_mask_change, read_defect
 from .toy_data import (
@@ -101,7 +105,8 @@ def tiny_base(
         masks.append(np.zeros(images[-1].shape[:2], np.uint8))
     for folder in sorted((toy.root / CATEGORY / "ground_truth").iterdir()):
         mask_paths = sorted(folder.glob("*_mask.png"))
-        for i, mask_path in enumerate(mask_paths[: len(mask_paths) // 3]):
+        generator = [m for i, m in enumerate(mask_paths) if fold_of(i, len(mask_paths)) == "generator"]
+        for i, mask_path in enumerate(generator):
             image_path = toy.root / CATEGORY / "test" / folder.name / mask_path.name.replace("_mask", "")
             images.append(np.asarray(Image.open(image_path).convert("RGB")))
             masks.append(np.asarray(Image.open(mask_path)))
@@ -401,9 +406,7 @@ def write_report(work: Path, results: list[dict], started: float, args, downstre
         "stage_seconds": {k: round(v, 1) for k, v in TIMINGS.items()},
         "settings": vars(args),
     }
-    ds._save_atomic(
-        work / "metrics.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2, default=str))
-    )
+    atomic_write(work / "metrics.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2, default=str)))
     table = [
         "| model | text controllability | colour | shape | reference fidelity | fresh split: text / reference "
         "| max change outside mask | downstream pixel AP |",
@@ -430,16 +433,16 @@ def write_report(work: Path, results: list[dict], started: float, args, downstre
     table += ["", "| stage | wall time |", "|---|---|"]
     table += [f"| {k} | {v:.0f} s |" for k, v in TIMINGS.items()]
     table.append(f"| total | {time.perf_counter() - started:.0f} s |")
-    ds._save_atomic(work / "results.md", lambda tmp: tmp.write_text("\n".join(table) + "\n"))
+    atomic_write(work / "results.md", lambda tmp: tmp.write_text("\n".join(table) + "\n"))
     return table
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m axf_pipeline.demo",
-        description="Offline end-to-end demo: toy MVTec Caption set -> training -> synthesis -> measurement.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+DESCRIPTION = "Offline end-to-end demo: toy MVTec Caption set -> training -> synthesis -> measurement."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The demo's flags (``python -m axf_pipeline.demo``, ``axf demo``)."""
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     p.add_argument("--output_dir", default="outputs/demo", help="Everything the run writes goes here.")
     p.add_argument("--ablation", action="store_true", help="Run the five models of paper table 6.")
     p.add_argument("--size", type=int, default=32, help="Toy image size in pixels.")
@@ -486,11 +489,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="CLIP vision encoder to go with --pretrained_model_name_or_path.",
     )
-    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return command_parser("python -m axf_pipeline.demo", DESCRIPTION, add_arguments)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     if (args.pretrained_model_name_or_path is None) != (args.image_encoder is None):
         raise SystemExit("--pretrained_model_name_or_path and --image_encoder go together")
     if args.seeds:

@@ -11,6 +11,8 @@ import json
 import statistics
 from pathlib import Path
 
+from mvtec_caption._io import atomic_write
+
 from . import downstream as ds
 
 # (label, how to read it from one seed's results; higher is better for all)
@@ -83,8 +85,6 @@ def write_summary(root: Path, per_seed: dict, seconds: dict, args) -> None:
     summary = summarise(per_seed)
     settings = {k: v for k, v in vars(args).items() if k not in ("output_dir", "seed")}
     payload = {"seeds": list(per_seed), "summary": summary, "seconds": seconds, "settings": settings}
-    ds._save_atomic(
-        root / "seeds.json", lambda tmp: tmp.write_text(json.dumps(payload, indent=2, default=str))
-    )
+    atomic_write(root / "seeds.json", lambda tmp: tmp.write_text(json.dumps(payload, indent=2, default=str)))
     lines = summary_table(summary, list(per_seed), seconds)
-    ds._save_atomic(root / "seeds.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    atomic_write(root / "seeds.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))

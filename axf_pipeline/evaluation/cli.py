@@ -12,6 +12,8 @@ import argparse
 import json
 import sys
 
+from mvtec_caption.command import run_command
+
 __all__ = ["add_arguments", "check_arguments", "main", "run"]
 
 
@@ -169,6 +171,8 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     from .data import RealData, load_anomalies
     from .harness import HarnessOptions, evaluate_generators
     from .report import write_report
@@ -182,28 +186,10 @@ def run(args: argparse.Namespace) -> int:
         return run_cli(args)
     try:  # bad input: one line naming the flag or file, exit code 2, no traceback
         check_arguments(args)
-        options = HarnessOptions(
-            metrics=tuple(args.metrics),
-            resolution=args.resolution,
-            classifier_resolution=args.classifier_resolution,
-            epochs=args.epochs,
-            classifier_epochs=args.classifier_epochs,
-            batch_size=args.batch_size,
-            unet_channels=args.unet_channels,
-            unet_depth=args.unet_depth,
-            classifier_weights=args.classifier_weights,
-            inception_weights=args.inception_weights,
-            lpips_weights=args.lpips_weights,
-            lpips_net=args.lpips_net,
-            lpips_resolution=args.lpips_resolution,
-            max_cluster_size=args.max_cluster_size or None,
-            small_clusters=args.small_clusters,
-            baseline_per_defect_type=args.baseline_per_defect_type,
-            random_backbones=args.random_backbones,
-            device=args.device,
-            seed=args.seed,
-            progress=not args.no_progress,
-        )
+        # every option but the progress bars is a flag of the same name
+        flags = {f.name: getattr(args, f.name) for f in fields(HarnessOptions) if f.name != "progress"}
+        flags.update(metrics=tuple(args.metrics), max_cluster_size=args.max_cluster_size or None)
+        options = HarnessOptions(**flags, progress=not args.no_progress)
         real = RealData(args.real, args.real_config)
         generators = {name: load_anomalies(path, args.generated_config) for name, path in args.generated}
         report, curves = evaluate_generators(real, generators, options, args.categories)
@@ -218,9 +204,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m axf_pipeline.evaluation", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_command("python -m axf_pipeline.evaluation", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

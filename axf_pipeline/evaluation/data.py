@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from mvtec_caption._io import load_source as load_dataset_source
+
 from .images import load_mask, to_rgb_uint8
 
 __all__ = [
@@ -117,18 +119,6 @@ def load_anomaly_folder(root: str | os.PathLike) -> list[Sample]:
             f"<category>/<defect_type>/<name>.png with <name>{MASK_SUFFIX}.png"
         )
     return samples
-
-
-def load_dataset_source(source, config: str | None = None):
-    """A ``Dataset``/``DatasetDict`` from an object, a ``save_to_disk`` folder or ``load_dataset(path, config)``."""
-    import datasets
-
-    if isinstance(source, datasets.Dataset | datasets.DatasetDict):
-        return source
-    path = Path(source)
-    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-        return datasets.load_from_disk(str(path))
-    return datasets.load_dataset(str(source), config)
 
 
 def _check_columns(dataset, name: str) -> None:

@@ -322,6 +322,59 @@ def _pair_distances(
     return out
 
 
+def _ic_lpips_groups(generated, centres, max_cluster_size, min_cluster_size, small_clusters):
+    """The settings checked and the images grouped by defect type; every generated type needs centres."""
+    if small_clusters not in ("skip", "zero"):
+        raise ValueError(f"small_clusters must be 'skip' or 'zero'; got {small_clusters!r}")
+    if min_cluster_size < 2:
+        raise ValueError("min_cluster_size must be at least 2: a cluster needs a pair to score.")
+    if max_cluster_size is not None and max_cluster_size < min_cluster_size:
+        raise ValueError(
+            f"max_cluster_size ({max_cluster_size}) is below min_cluster_size ({min_cluster_size})."
+        )
+    gen_groups = _as_groups(generated, "generated")
+    centre_groups = _as_groups(centres, "centres")
+    if not gen_groups or all(len(v) == 0 for v in gen_groups.values()):
+        raise ValueError("ic_lpips: the generated image set is empty.")
+    for dt, images in gen_groups.items():
+        if not images:
+            raise ValueError(f"ic_lpips: no generated images for defect type {dt!r}.")
+        if dt not in centre_groups or not centre_groups[dt]:
+            raise ValueError(
+                f"ic_lpips: no centres for defect type {dt!r}: pass the real anomalies of its generator fold "
+                f"(centres have defect types {sorted(centre_groups)})."
+            )
+    return gen_groups, centre_groups
+
+
+def _feature_block(scorer, resolution: int, device: str, feature_memory_gb: float) -> int:
+    """How many images' LPIPS features fit in half of ``feature_memory_gb`` (one image's features say)."""
+    import torch
+
+    with torch.no_grad():
+        probe = scorer.features(_unit_range(np.zeros((1, resolution, resolution, 3), np.uint8), device))
+    per_image = sum(f.nelement() * f.element_size() for f in probe)
+    return max(1, int(feature_memory_gb * 2**30 / (2 * per_image)))
+
+
+def _score_cluster(
+    members, distances, rng, centre, max_cluster_size, min_cluster_size, small_clusters
+) -> dict:
+    """One cluster's row: its mean pairwise distance over at most ``max_cluster_size`` seeded members, or
+    None (``"skip"``) / 0 (``"zero"``) when it has fewer than ``min_cluster_size``."""
+    size = len(members)
+    if max_cluster_size is not None and size > max_cluster_size:
+        members = np.sort(rng.choice(members, max_cluster_size, replace=False))
+    row = {"centre": centre, "size": size, "used": len(members), "score": None}
+    if len(members) < min_cluster_size:
+        if small_clusters == "zero":
+            row["score"] = 0.0
+    else:
+        iu, ju = np.triu_indices(len(members), k=1)
+        row["score"] = float(distances(np.stack([members[iu], members[ju]], -1)).mean())
+    return row
+
+
 def ic_lpips(
     generated,
     centres,
@@ -357,26 +410,9 @@ def ic_lpips(
         feature_memory_gb: LPIPS features (about 32 MB per 256 px image for VGG) are held for at most this
             much; a side of a comparison that fits in half of it goes through the backbone once per image.
     """
-    if small_clusters not in ("skip", "zero"):
-        raise ValueError(f"small_clusters must be 'skip' or 'zero'; got {small_clusters!r}")
-    if min_cluster_size < 2:
-        raise ValueError("min_cluster_size must be at least 2: a cluster needs a pair to score.")
-    if max_cluster_size is not None and max_cluster_size < min_cluster_size:
-        raise ValueError(
-            f"max_cluster_size ({max_cluster_size}) is below min_cluster_size ({min_cluster_size})."
-        )
-    gen_groups = _as_groups(generated, "generated")
-    centre_groups = _as_groups(centres, "centres")
-    if not gen_groups or all(len(v) == 0 for v in gen_groups.values()):
-        raise ValueError("ic_lpips: the generated image set is empty.")
-    for dt, images in gen_groups.items():
-        if not images:
-            raise ValueError(f"ic_lpips: no generated images for defect type {dt!r}.")
-        if dt not in centre_groups or not centre_groups[dt]:
-            raise ValueError(
-                f"ic_lpips: no centres for defect type {dt!r}: pass the real anomalies of its generator fold "
-                f"(centres have defect types {sorted(centre_groups)})."
-            )
+    gen_groups, centre_groups = _ic_lpips_groups(
+        generated, centres, max_cluster_size, min_cluster_size, small_clusters
+    )
     real = distance is None and not random_backbone
     if distance is None:
         model, backbone = build_lpips(net, weights, random_backbone)
@@ -386,12 +422,7 @@ def ic_lpips(
     else:
         backbone = "injected distance"
     scorer = _PairScorer(distance)
-    import torch
-
-    with torch.no_grad():  # one image's features say how many fit in feature_memory_gb
-        probe = scorer.features(_unit_range(np.zeros((1, resolution, resolution, 3), np.uint8), device))
-    per_image = sum(f.nelement() * f.element_size() for f in probe)
-    block = max(1, int(feature_memory_gb * 2**30 / (2 * per_image)))
+    block = _feature_block(scorer, resolution, device, feature_memory_gb)
 
     per_type: dict[str, float | None] = {}
     clusters: dict[str, list[dict]] = {}
@@ -404,26 +435,19 @@ def ic_lpips(
         )
         d = _pair_distances(scorer, gen, cen, pairs, batch_size, device, block).reshape(len(gen), len(cen))
         nearest = d.argmin(axis=1)  # ties go to the lower centre index
-        rows, scores = [], []
-        for c in range(len(cen)):
-            members = np.flatnonzero(nearest == c)
-            size = len(members)
-            if max_cluster_size is not None and size > max_cluster_size:
-                rng = np.random.default_rng([seed, zlib.crc32(dt.encode()), c])
-                members = np.sort(rng.choice(members, max_cluster_size, replace=False))
-            row = {"centre": c, "size": size, "used": len(members), "score": None}
-            if len(members) < min_cluster_size:
-                if small_clusters == "zero":
-                    row["score"] = 0.0
-                    scores.append(0.0)
-            else:
-                iu, ju = np.triu_indices(len(members), k=1)
-                pair_idx = np.stack([members[iu], members[ju]], -1)
-                row["score"] = float(
-                    _pair_distances(scorer, gen, gen, pair_idx, batch_size, device, block).mean()
-                )
-                scores.append(row["score"])
-            rows.append(row)
+        rows = [
+            _score_cluster(
+                np.flatnonzero(nearest == c),
+                lambda pair_idx, g=gen: _pair_distances(scorer, g, g, pair_idx, batch_size, device, block),
+                np.random.default_rng([seed, zlib.crc32(dt.encode()), c]),
+                c,
+                max_cluster_size,
+                min_cluster_size,
+                small_clusters,
+            )
+            for c in range(len(cen))
+        ]
+        scores = [r["score"] for r in rows if r["score"] is not None]
         clusters[dt] = rows
         per_type[dt] = float(np.mean(scores)) if scores else None
         if not scores:

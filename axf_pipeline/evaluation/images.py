@@ -15,17 +15,21 @@ from PIL import Image
 __all__ = ["load_mask", "to_rgb_uint8", "resize_rgb"]
 
 
+def _read(path: str | os.PathLike, mode: str, what: str) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    with Image.open(path) as im:
+        return im.convert(mode)
+
+
 def to_rgb_uint8(image, *, name: str = "image") -> np.ndarray:
     """(H, W, 3) uint8 from a path, PIL image, (H, W[, C]) array or (C, H, W) tensor.
 
     Float inputs must lie in [0, 1]; grayscale is replicated to three channels, alpha is dropped.
     """
     if isinstance(image, str | os.PathLike):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"{name}: image file {path} does not exist")
-        with Image.open(path) as im:
-            image = im.convert("RGB")
+        image = _read(image, "RGB", f"{name}: image file")
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
     if hasattr(image, "detach"):
@@ -63,11 +67,7 @@ def load_mask(mask, *, size: tuple[int, int] | None = None, name: str = "mask") 
     from .localization import binary_mask
 
     if isinstance(mask, str | os.PathLike):
-        path = Path(mask)
-        if not path.is_file():
-            raise FileNotFoundError(f"{name}: mask file {path} does not exist")
-        with Image.open(path) as im:
-            mask = im.convert("L")
+        mask = _read(mask, "L", f"{name}: mask file")
     if isinstance(mask, Image.Image):
         mask = np.asarray(mask.convert("L"))
     arr = np.asarray(mask.detach().cpu() if hasattr(mask, "detach") else mask)

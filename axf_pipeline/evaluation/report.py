@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mvtec_caption._io import atomic_write
+
 __all__ = ["METRIC_ROWS", "check_output", "markdown_tables", "write_plots", "write_report"]
 
 # (label in tables, section, key, scale)
@@ -120,7 +122,7 @@ def write_plots(report: dict, curves: dict, output: Path) -> list[Path]:
                 ax.legend(loc="best", fontsize="small")
         fig.tight_layout()
         path = output / f"curves_{category}.png"
-        _write_atomic(path, lambda p, fig=fig: fig.savefig(p, dpi=80, format="png"))
+        atomic_write(path, lambda p, fig=fig: fig.savefig(p, dpi=80, format="png"), durable=True)
         plt.close(fig)
         written.append(path)
     gens, cats, results = report["generators"], report["categories"], report["results"]
@@ -142,7 +144,7 @@ def write_plots(report: dict, curves: dict, output: Path) -> list[Path]:
         ax.legend(fontsize="small")
         fig.tight_layout()
         path = output / f"bars_{label.replace('-', '_').lower()}.png"
-        _write_atomic(path, lambda p, fig=fig: fig.savefig(p, dpi=80, format="png"))
+        atomic_write(path, lambda p, fig=fig: fig.savefig(p, dpi=80, format="png"), durable=True)
         plt.close(fig)
         written.append(path)
     return written
@@ -166,19 +168,6 @@ def check_output(output: str | Path) -> None:
         raise ValueError(f"--output {str(output)!r}: {existing} is not writable")
 
 
-def _write_atomic(path: Path, write) -> None:
-    """``write(tmp)`` then rename over ``path``: a kill leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_report(report: dict, curves: dict, output: str | Path) -> dict[str, Path]:
     """Write the PNG plots, ``report.md`` and last ``report.json`` under ``output``, each atomically.
 
@@ -187,6 +176,10 @@ def write_report(report: dict, curves: dict, output: str | Path) -> dict[str, Pa
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     plots = write_plots(report, curves, output / "plots")
-    _write_atomic(output / "report.md", lambda p: p.write_text(markdown_tables(report)))
-    _write_atomic(output / "report.json", lambda p: p.write_text(json.dumps(report, indent=2, default=float)))
+    atomic_write(output / "report.md", lambda p: p.write_text(markdown_tables(report)), durable=True)
+    atomic_write(
+        output / "report.json",
+        lambda p: p.write_text(json.dumps(report, indent=2, default=float)),
+        durable=True,
+    )
     return {"json": output / "report.json", "markdown": output / "report.md", "plots": plots}

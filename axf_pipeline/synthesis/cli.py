@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mvtec_caption.command import run_command
+
 COMMAND = "axf synthesize"
 
 
@@ -174,6 +176,4 @@ def _run(args: argparse.Namespace, pipe=None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m axf_pipeline.synthesize", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_command("python -m axf_pipeline.synthesize", __doc__, add_arguments, run, argv)

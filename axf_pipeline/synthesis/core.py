@@ -28,6 +28,10 @@ from pathlib import Path
 
 import PIL.Image
 
+from mvtec_caption._io import TMP_TAG, atomic_write
+
+from ..model_index import read_model_index
+
 __all__ = [
     "MARKER",
     "Item",
@@ -48,7 +52,7 @@ __all__ = [
 ]
 
 MARKER = ".axf-synthesis.json"
-_TMP = ".axf-tmp-"
+_TMP = TMP_TAG
 
 
 class SynthesisError(ValueError):
@@ -136,26 +140,7 @@ def image_size(path: Path) -> tuple[int, int]:
 def check_model(model: str) -> None:
     """The model must be an AnomalyXFusion pipeline (its model_index.json lists ``mif``), checked
     before anything is written; a Hub id is checked through its model_index.json."""
-    path = Path(model).expanduser()
-    if path.exists():
-        index = path / "model_index.json"
-        if not index.is_file():
-            raise SynthesisError(f"--model {model} has no model_index.json: not a saved pipeline folder")
-    elif model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise SynthesisError(f"--model {model} does not exist (neither a folder nor a Hub id)")
-    else:
-        from huggingface_hub import hf_hub_download
-
-        try:
-            index = Path(hf_hub_download(model, "model_index.json"))
-        except Exception as err:  # offline, unknown repo, no access: say which model
-            raise SynthesisError(
-                f"--model {model}: cannot fetch its model_index.json ({type(err).__name__})"
-            ) from None
-    try:
-        components = json.loads(index.read_text())
-    except ValueError:
-        raise SynthesisError(f"--model {model}: {index} is not valid JSON") from None
+    components = read_model_index(model, "--model", SynthesisError)
     if components.get("mif") in (None, [None, None]):
         raise SynthesisError(
             f"--model {model} is not an AnomalyXFusion pipeline: its model_index.json has no mif "
@@ -187,18 +172,6 @@ def load_pipeline(model: str, dtype: str = "float32", device: str | None = None,
 
 
 # ------------------------------------------------------------------ files
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then rename to ``path``: readers see the old file or the new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{_TMP}{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_png(image: PIL.Image.Image, path: Path) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
+from mvtec_caption._io import load_source
+
 from .core import SynthesisError
 
 REQUIRED = {
@@ -27,11 +29,8 @@ HELD_OUT_EVERY = 5  # the last floor(n / 5) train normals of a category become t
 def _load(dataset: str, config: str):
     import datasets
 
-    path = Path(dataset)
     try:
-        if (path / "dataset_dict.json").is_file():
-            return datasets.load_from_disk(str(path))
-        return datasets.load_dataset(str(dataset), config)
+        return load_source(dataset, config)
     except (ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as err:
         raise SynthesisError(f"--dataset {dataset} (config {config!r}) cannot be loaded: {err}") from None
 

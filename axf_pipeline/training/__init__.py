@@ -8,19 +8,26 @@ card, push) and ``loop``.
 
 import sys
 
-from .args import TrainingInputError, build_parser, parse_args
+from .args import TrainingInputError, add_arguments, build_parser, check_args, parse_args
 
 
-def main(argv=None) -> int:
-    """``train.py``'s entry point: a bad input found at start-up is one line on stderr and exit code 2."""
+def run(args) -> int:
+    """Trains with parsed ``args`` (``axf train``); a bad input found at start-up is one line on stderr and
+    exit code 2."""
     from .loop import train
 
     try:
-        train(parse_args(argv))
+        check_args(args)
+        train(args)
     except TrainingInputError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
     return 0
 
 
-__all__ = ["TrainingInputError", "build_parser", "main", "parse_args"]
+def main(argv=None) -> int:
+    """``train.py``'s and ``accelerate launch -m axf_pipeline.training``'s entry point."""
+    return run(build_parser().parse_args(argv))
+
+
+__all__ = ["TrainingInputError", "add_arguments", "build_parser", "main", "parse_args", "run"]

@@ -6,6 +6,8 @@ import argparse
 import os
 from collections.abc import Sequence
 
+from mvtec_caption.command import command_parser
+
 
 class TrainingInputError(ValueError):
     """Bad training input, found at start-up before any compute. The message names the flag or file."""
@@ -24,12 +26,26 @@ def check_drop_probs(caption: float, reference: float, joint: float) -> tuple[fl
     return caption, reference, joint
 
 
+DESCRIPTION = (
+    "Train AnomalyXFusion (MIF + DDF, optional UNet LoRA) on MVTec Caption. Run with `accelerate launch "
+    "train.py ...` or `accelerate launch -m axf_pipeline.training ...` for one or several GPUs/processes."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Train AnomalyXFusion (MIF + DDF, optional UNet LoRA) on MVTec Caption. "
-        "Run with `accelerate launch train.py ...` for one or several GPUs/processes."
-    )
-    g = p.add_argument_group("model")
+    """``train.py``'s parser (``axf train`` builds the same one from :func:`add_arguments`)."""
+    return command_parser(None, DESCRIPTION, add_arguments)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``train.py``'s flags, by group, named after diffusers' training scripts."""
+    _model_flags(p.add_argument_group("model"))
+    _data_flags(p.add_argument_group("data"))
+    _optimisation_flags(p.add_argument_group("optimisation"))
+    _output_flags(p.add_argument_group("checkpoints, logging, publishing"))
+
+
+def _model_flags(g) -> None:
     g.add_argument(
         "--pretrained_model_name_or_path",
         required=True,
@@ -66,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         "trained model. The unfused LoRA is always saved too, under <output_dir>/unet_lora/.",
     )
 
-    g = p.add_argument_group("data")
+
+def _data_flags(g) -> None:
     g.add_argument(
         "--dataset_name",
         required=True,
@@ -120,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-random_flip on a small fixed dataset.",
     )
 
-    g = p.add_argument_group("optimisation")
+
+def _optimisation_flags(g) -> None:
     g.add_argument("--train_batch_size", type=int, default=4, help="Batch size per process.")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--learning_rate", type=float, default=1e-4)
@@ -170,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
         "change mean brightness and colour; ~0.05-0.1. 0 = off.",
     )
 
-    g = p.add_argument_group("checkpoints, logging, publishing")
+
+def _output_flags(g) -> None:
     g.add_argument("--output_dir", required=True, help="Checkpoints, logs and the final pipeline go here.")
     g.add_argument("--checkpointing_steps", type=int, default=500)
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many.")
@@ -197,7 +216,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--private", action="store_true", help="Create the Hub repo private.")
     g.add_argument("--metrics_file", default=None, help="JSON {metric: value} to put in the model card.")
     g.add_argument("--license", default="cc-by-nc-sa-4.0", help="Model licence for the card (MVTec's terms).")
-    return p
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mvtec_caption._io import load_source
+
 from ..image_processing import binarize_mask, crop_window, mask_box
 from .args import TrainingInputError, check_drop_probs
 
@@ -28,7 +30,7 @@ def load_mvtec_caption(dataset_name: str, config: str | None = None, cache_dir: 
     import datasets
 
     try:
-        loaded = datasets.load_dataset(dataset_name, config, cache_dir=cache_dir)
+        loaded = load_source(dataset_name, config, cache_dir=cache_dir)
     except Exception as err:
         raise TrainingInputError(
             f"--dataset_name {dataset_name!r} (--dataset_config {config!r}) could not be loaded with "

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .args import TrainingInputError
 from .checkpointing import fsync_tree
+from .model import load_base_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +113,6 @@ def publish(staged: Path, output_dir: Path) -> Path:
 
 def export_pipeline(args, denoiser, data, global_step: int, num_processes: int = 1) -> Path:
     """Writes the pipeline (and the LoRA, the card) and publishes it in ``args.output_dir``; pushes when asked."""
-    from .loop import load_base_pipeline
-
     output_dir = Path(args.output_dir)
     staged = output_dir / EXPORTS / f"step-{global_step:06d}-{uuid.uuid4().hex[:8]}.tmp"
     staged.mkdir(parents=True)

@@ -27,6 +27,7 @@ from .model import (
     check_base_model,
     check_resolution,
     compute_loss,
+    load_base_pipeline,
     set_trainable,
     step_generator,
 )
@@ -34,23 +35,6 @@ from .model import (
 logger = logging.getLogger(__name__)
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def load_base_pipeline(args: argparse.Namespace, torch_dtype: torch.dtype | None = None):
-    """``AnomalyXFusionPipeline.from_base``: the Stable Diffusion base, the CLIP vision encoder and fresh MIF/DDF."""
-    from .. import AnomalyXFusionPipeline
-
-    kwargs = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
-    if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
-    return AnomalyXFusionPipeline.from_base(
-        args.pretrained_model_name_or_path,
-        image_encoder=args.image_encoder,
-        use_semantic=not args.no_text,
-        use_aggregator=not args.no_mif,
-        use_ddf=not args.no_ddf,
-        **{k: v for k, v in kwargs.items() if v is not None},
-    )
 
 
 def load_base_configs(args: argparse.Namespace) -> dict[str, SimpleNamespace]:
@@ -90,10 +74,22 @@ def check_mixed_precision(precision: str | None) -> None:
 
 def train(args: argparse.Namespace) -> TrainingResult:
     """Runs the whole training; the saved pipeline is in ``output_dir``."""
+    accelerator = make_accelerator(args)
+    resume_dir, run, data = check_inputs(args)  # every bad input fails here, before any compute
+    model = load_model(args, accelerator)
+    batches = make_batches(args, data, accelerator)
+    encoder = make_batch_encoder(args, model.pipe.components)
+    global_step = resume(args, accelerator, resume_dir)
+    start_trackers(args, accelerator, model, batches, global_step)
+    global_step = train_loop(args, accelerator, model, batches, encoder, data, run, global_step)
+    save(args, accelerator, model, data, global_step)
+    return TrainingResult(Path(args.output_dir), global_step, model.pipe)
+
+
+# ---- set-up ----------------------------------------------------------------------------------------
+def make_accelerator(args: argparse.Namespace):
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
+    from accelerate.utils import ProjectConfiguration
 
     check_mixed_precision(args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION"))
     output_dir = Path(args.output_dir)
@@ -109,11 +105,16 @@ def train(args: argparse.Namespace) -> TrainingResult:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
 
-    # ---- start-up checks: every bad input fails here, before any compute -------------------------
-    check_base_model(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+
+def check_inputs(args: argparse.Namespace):
+    """The start-up checks (base model, output folder, resume, resolution, data); returns the checkpoint to
+    resume from (or None), the run id and the selected training data."""
     from .export import check_export_target, has_export
 
+    output_dir = Path(args.output_dir)
+    check_base_model(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     check_export_target(output_dir)
     resume_dir, run = ckpt.resolve_run(args, has_export=has_export(output_dir))
     base = load_base_configs(args)
@@ -130,11 +131,30 @@ def train(args: argparse.Namespace) -> TrainingResult:
         args.train_fold,
         source=f"--dataset_name {args.dataset_name!r}",
     )
+    return resume_dir, run, data
+
+
+# ---- model -----------------------------------------------------------------------------------------
+@dataclass
+class Model:
+    """What the loop trains and steps: the pipeline, its trained modules as one denoiser, the optimiser."""
+
+    pipe: object
+    denoiser: torch.nn.Module
+    params: list
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    ema: object | None
+
+
+def load_model(args: argparse.Namespace, accelerator) -> Model:
+    """The base pipeline with fresh MIF/DDF (and LoRA), the trainable parameters, AdamW and its schedule."""
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
     set_seed(args.seed)  # fresh MIF/DDF (and LoRA) initialisations are reproducible
     pipe = load_base_pipeline(args)
     components = pipe.components
-
-    # ---- model -----------------------------------------------------------------------------------
     weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
     set_trainable(
         components, args.train_unet, args.lora_rank, args.lora_alpha, accelerator.device, weight_dtype
@@ -172,7 +192,19 @@ def train(args: argparse.Namespace) -> TrainingResult:
         ema = EMAModel(params, decay=args.ema_decay, foreach=True)
         accelerator.register_for_checkpointing(ema)
     ckpt.register_hooks(accelerator, accelerator.unwrap_model)
+    return Model(pipe, denoiser, params, optimizer, lr_scheduler, ema)
 
+
+# ---- data ------------------------------------------------------------------------------------------
+@dataclass
+class Batches:
+    dataset: AnomalyTrainingDataset
+    sampler: EpochBatchSampler
+    loader: torch.utils.data.DataLoader
+
+
+def make_batches(args: argparse.Namespace, data, accelerator) -> Batches:
+    """This process's share of every epoch, each example drawn from (seed, epoch, index)."""
     train_dataset = AnomalyTrainingDataset(
         data.train,
         args.resolution,
@@ -193,21 +225,25 @@ def train(args: argparse.Namespace) -> TrainingResult:
     loader = torch.utils.data.DataLoader(
         train_dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.dataloader_num_workers
     )
-    encoder = BatchEncoder(
-        vae=components["vae"],
-        text_encoder=components["text_encoder"],
-        tokenizer=components["tokenizer"],
-        image_encoder=components["image_encoder"],
-        feature_extractor=components["feature_extractor"],
+    return Batches(train_dataset, sampler, loader)
+
+
+def make_batch_encoder(args: argparse.Namespace, components: dict) -> BatchEncoder:
+    frozen = ("vae", "text_encoder", "tokenizer", "image_encoder", "feature_extractor")
+    return BatchEncoder(
+        **{name: components[name] for name in frozen},
         scheduler=components["scheduler"].__class__.from_config(components["scheduler"].config),
-        inpainting=unet.config.in_channels == 9,
+        inpainting=components["unet"].config.in_channels == 9,
         cache_latents=args.cache_latents,
         noise_offset=args.noise_offset,
         snr_gamma=args.snr_gamma,
     )
-    use_text = not args.no_text
 
-    # ---- resume ----------------------------------------------------------------------------------
+
+# ---- resume ----------------------------------------------------------------------------------------
+def resume(args: argparse.Namespace, accelerator, resume_dir: Path | None) -> int:
+    """Loads the checkpoint to resume from (if any); returns the optimizer step to start at."""
+    output_dir = Path(args.output_dir)
     global_step = 0
     if accelerator.is_main_process:
         ckpt.remove_leftovers(output_dir)
@@ -224,8 +260,10 @@ def train(args: argparse.Namespace) -> TrainingResult:
             )
     elif args.resume_from_checkpoint == "latest":
         logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting fresh", output_dir)
-    micro = global_step * args.gradient_accumulation_steps
+    return global_step
 
+
+def start_trackers(args: argparse.Namespace, accelerator, model: Model, batches: Batches, global_step: int):
     if accelerator.is_main_process:
         config = {
             k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in vars(args).items()
@@ -233,16 +271,31 @@ def train(args: argparse.Namespace) -> TrainingResult:
         accelerator.init_trackers(args.tracker_project_name, config=config)
     logger.info(
         "%d training anomalies, %d processes x batch %d x accumulation %d, %d steps (from %d), %d trained parameters",
-        len(train_dataset),
+        len(batches.dataset),
         accelerator.num_processes,
         args.train_batch_size,
         args.gradient_accumulation_steps,
         args.max_train_steps,
         global_step,
-        sum(p.numel() for p in params),
+        sum(p.numel() for p in model.params),
     )
 
-    # ---- loop ------------------------------------------------------------------------------------
+
+# ---- loop ------------------------------------------------------------------------------------------
+def train_loop(
+    args: argparse.Namespace,
+    accelerator,
+    model: Model,
+    batches: Batches,
+    encoder: BatchEncoder,
+    data,
+    run: str,
+    global_step: int,
+) -> int:
+    """Optimizer steps from ``global_step`` to ``--max_train_steps``, with checkpoints and validations."""
+    from tqdm.auto import tqdm
+
+    micro = global_step * args.gradient_accumulation_steps
     progress = tqdm(
         total=args.max_train_steps,
         initial=global_step,
@@ -250,13 +303,15 @@ def train(args: argparse.Namespace) -> TrainingResult:
         disable=not accelerator.is_local_main_process,
     )
     running = 0.0
+    denoiser, optimizer, params = model.denoiser, model.optimizer, model.params
     while global_step < args.max_train_steps:
-        epoch, skip = divmod(micro, len(sampler))
-        sampler.set_epoch(epoch, skip)
-        train_dataset.set_epoch(epoch)
-        for batch in loader:
+        epoch, skip = divmod(micro, len(batches.sampler))
+        batches.sampler.set_epoch(epoch, skip)
+        batches.dataset.set_epoch(epoch)
+        for batch in batches.loader:
             with accelerator.accumulate(denoiser):
-                inputs = encoder(batch, step_generator(args.seed, micro, accelerator.process_index), use_text)
+                generator = step_generator(args.seed, micro, accelerator.process_index)
+                inputs = encoder(batch, generator, not args.no_text)
                 loss = compute_loss(denoiser, inputs, args.loss_mask_weight)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
@@ -267,47 +322,45 @@ def train(args: argparse.Namespace) -> TrainingResult:
             running += loss.detach() / args.gradient_accumulation_steps
             if not accelerator.sync_gradients:
                 continue
-            lr_scheduler.step()
-            if ema is not None:
-                ema.step(params)
+            model.lr_scheduler.step()
+            if model.ema is not None:
+                model.ema.step(params)
             global_step += 1
             step_loss = accelerator.reduce(running, reduction="mean").item()
             running = 0.0
-            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
-            accelerator.log(logs, step=global_step)
+            accelerator.log({"loss": step_loss, "lr": model.lr_scheduler.get_last_lr()[0]}, step=global_step)
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}")
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                state = {
-                    "global_step": global_step,
-                    "micro_batches": micro,
-                    "epoch": micro // len(sampler),
-                    "run": run,
-                }
-                path = ckpt.save_checkpoint(accelerator, output_dir, state, args.checkpoints_total_limit)
-                logger.info("Saved %s", path)
-            if (
-                args.validation_steps
-                and global_step % args.validation_steps == 0
-                and accelerator.is_main_process
-            ):
-                from .validation import log_validation
-
-                log_validation(accelerator, pipe, data.train, data.normals, args, global_step)
+            after_step(args, accelerator, model, data, run, global_step, micro, len(batches.sampler))
             if global_step >= args.max_train_steps:
                 break
     progress.close()
+    return global_step
 
-    # ---- export (main process only: the pipeline is saved once) -----------------------------------
+
+def after_step(args, accelerator, model: Model, data, run: str, global_step: int, micro: int, epoch_len: int):
+    """A checkpoint every ``--checkpointing_steps`` (and at the end), a validation every ``--validation_steps``."""
+    if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+        state = {"global_step": global_step, "micro_batches": micro, "epoch": micro // epoch_len, "run": run}
+        path = ckpt.save_checkpoint(accelerator, Path(args.output_dir), state, args.checkpoints_total_limit)
+        logger.info("Saved %s", path)
+    if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+        from .validation import log_validation
+
+        log_validation(accelerator, model.pipe, data.train, data.normals, args, global_step)
+
+
+# ---- save ------------------------------------------------------------------------------------------
+def save(args: argparse.Namespace, accelerator, model: Model, data, global_step: int) -> None:
+    """Exports the pipeline (main process only: it is saved once), with the EMA weights if any."""
     accelerator.wait_for_everyone()
-    if ema is not None:
-        ema.copy_to(params)  # the pipeline (exported and returned) carries the averaged weights
+    if model.ema is not None:
+        model.ema.copy_to(model.params)  # the pipeline (exported and returned) carries the averaged weights
     if accelerator.is_main_process:
         from .export import export_pipeline
 
         export_pipeline(
-            args, accelerator.unwrap_model(denoiser), data, global_step, accelerator.num_processes
+            args, accelerator.unwrap_model(model.denoiser), data, global_step, accelerator.num_processes
         )
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainingResult(output_dir, global_step, pipe)

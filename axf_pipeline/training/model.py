@@ -6,7 +6,7 @@ The conditioning maths (X-embedding, DDF, cross-attention states) is called from
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
 from dataclasses import dataclass, field
 
@@ -16,6 +16,7 @@ from torch import nn
 
 from ..conditioning import cross_attention_states, encode_reference, encode_text, x_embedding
 from ..image_processing import latent_mask
+from ..model_index import read_model_index
 from .args import TrainingInputError
 from .loss import min_snr_weights, noise_prediction_loss
 
@@ -24,27 +25,9 @@ LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 
 def check_base_model(name_or_path: str, revision: str | None = None, cache_dir: str | None = None) -> None:
     """A Stable Diffusion checkpoint must have a UNet (and a VAE, text encoder, tokenizer): say so before loading."""
-    if os.path.isdir(name_or_path):
-        index_file = os.path.join(name_or_path, "model_index.json")
-        if not os.path.isfile(index_file):
-            raise TrainingInputError(
-                f"--pretrained_model_name_or_path {name_or_path!r} has no model_index.json: not a diffusers "
-                "Stable Diffusion checkpoint folder"
-            )
-    else:
-        from huggingface_hub import hf_hub_download
-
-        try:
-            index_file = hf_hub_download(
-                name_or_path, "model_index.json", revision=revision, cache_dir=cache_dir
-            )
-        except Exception as err:
-            raise TrainingInputError(
-                f"--pretrained_model_name_or_path {name_or_path!r} is neither a folder nor a reachable Hub "
-                f"model with a model_index.json ({type(err).__name__}: {err})"
-            ) from err
-    with open(index_file) as f:
-        index = json.load(f)
+    index = read_model_index(
+        name_or_path, "--pretrained_model_name_or_path", TrainingInputError, revision, cache_dir
+    )
     missing = [
         c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not index.get(c, [None])[0]
     ]
@@ -57,6 +40,23 @@ def check_base_model(name_or_path: str, revision: str | None = None, cache_dir: 
         raise TrainingInputError(
             f"--pretrained_model_name_or_path {name_or_path!r}: unet/config.json is missing"
         )
+
+
+def load_base_pipeline(args: argparse.Namespace, torch_dtype: torch.dtype | None = None):
+    """``AnomalyXFusionPipeline.from_base``: the Stable Diffusion base, the CLIP vision encoder and fresh MIF/DDF."""
+    from .. import AnomalyXFusionPipeline
+
+    kwargs = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    return AnomalyXFusionPipeline.from_base(
+        args.pretrained_model_name_or_path,
+        image_encoder=args.image_encoder,
+        use_semantic=not args.no_text,
+        use_aggregator=not args.no_mif,
+        use_ddf=not args.no_ddf,
+        **{k: v for k, v in kwargs.items() if v is not None},
+    )
 
 
 def check_resolution(resolution: int, vae, unet) -> None:
