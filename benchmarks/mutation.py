@@ -48,11 +48,13 @@ def modules_from_pyproject() -> dict[str, list[str]]:
 
 
 def equivalents() -> dict[str, str]:
-    """``mutant name -> mutated line`` from the equivalents file's entries ``- `name`: `line` — reason``."""
+    """``mutant name -> mutated line`` from the equivalents file's entries ``- `name`: `line` — reason``
+    (entries whose reason starts with **not killed** document a survivor but do not excuse it)."""
     found = {}
     if EQUIVALENT.is_file():
         for row in EQUIVALENT.read_text().splitlines():
-            if match := re.match(r"^- `([^`]+__mutmut_\d+)`: `(.*)` — \S", row):
+            match = re.match(r"^- `([^`]+__mutmut_\d+)`: `(.*)` — (\S.*)$", row)
+            if match and not match[3].startswith("**not killed**"):  # documented survivors still count
                 found[match[1]] = match[2].strip()
     return found
 
