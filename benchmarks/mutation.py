@@ -48,11 +48,13 @@ def modules_from_pyproject() -> dict[str, list[str]]:
 
 
 def equivalents() -> dict[str, str]:
-    """``mutant name -> mutated line`` from the equivalents file's entries ``- `name`: `line` — reason``."""
+    """``mutant name -> mutated line`` from the equivalents file's entries ``- `name`: `line` — reason``
+    (entries whose reason starts with **not killed** document a survivor but do not excuse it)."""
     found = {}
     if EQUIVALENT.is_file():
         for row in EQUIVALENT.read_text().splitlines():
-            if match := re.match(r"^- `([^`]+__mutmut_\d+)`: `(.*)` — \S", row):
+            match = re.match(r"^- `([^`]+__mutmut_\d+)`: `(.*)` — (\S.*)$", row)
+            if match and not match[3].startswith("**not killed**"):  # documented survivors still count
                 found[match[1]] = match[2].strip()
     return found
 
@@ -101,12 +103,22 @@ def run_mutmut(work: Path, seconds: float, log) -> tuple[bool, float]:
     return finished, time.monotonic() - start
 
 
-def mutant_diff(work: Path, name: str) -> str:
+_DIFFS = """import json, sys
+from mutmut.mutation.diff_apply import get_diff_for_mutant
+names, path = json.loads(sys.stdin.read()), sys.argv[1]
+print(json.dumps({name: get_diff_for_mutant(name, path=path) for name in names}))
+"""
+
+
+def mutant_diffs(work: Path, module: str, names: list[str]) -> dict[str, str]:
+    """Each mutant's unified diff (one process for all: ``mutmut show`` per mutant is slow)."""
+    if not names:
+        return {}
     out = subprocess.run(
-        [sys.executable, "-c", "import sys; from mutmut.__main__ import cli; sys.exit(cli())", "show", name],
-        cwd=work, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        [sys.executable, "-c", _DIFFS, module], cwd=work, input=json.dumps(names), capture_output=True,
+        text=True, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
     )  # fmt: skip
-    return "\n".join(line for line in out.stdout.splitlines()[1:] if line.strip())
+    return json.loads(out.stdout)
 
 
 def mutated_line(diff: str) -> str:
@@ -127,11 +139,12 @@ def measure(module: str, tests: list[str], seconds: float, equivalent: dict[str,
         codes = json.loads(meta.read_text())["exit_code_by_key"] if meta.is_file() else {}
         counts = {"killed": 0, "survived": 0, "equivalent": 0, "no_tests": 0, "not_checked": 0, "other": 0}
         survivors, stale = [], []
+        diffs = mutant_diffs(work, module, [n for n, c in codes.items() if c in SURVIVED or c in NO_TESTS])
         for name, code in sorted(codes.items()):
             if code in KILLED:
                 counts["killed"] += 1
             elif code in SURVIVED or code in NO_TESTS:
-                diff = mutant_diff(work, name)
+                diff = diffs[name]
                 line = mutated_line(diff)
                 if name in equivalent and equivalent[name] == line:
                     counts["equivalent"] += 1

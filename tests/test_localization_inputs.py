@@ -116,8 +116,8 @@ def test_scores_are_compared_in_float32_and_labels_are_booleans():
 
 def test_roc_curve_of_counts_is_scikit_learns_on_the_raw_scores():
     rng = np.random.default_rng(1)
-    scores = rng.integers(0, 6, 200).astype(np.float32)
-    labels = rng.random(200) < 0.3
+    scores = rng.integers(0, 60, 400).astype(np.float32)  # enough points for some to lie on a line
+    labels = rng.random(400) < 0.3
     fpr, tpr, thresholds = CurveCounts.from_scores(scores, labels).roc_curve()
     want = roc_curve(labels, scores, drop_intermediate=False)
     for got, ref in zip((fpr, tpr, thresholds), want, strict=True):

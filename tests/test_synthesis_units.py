@@ -71,7 +71,7 @@ def _build(root: Path, *, fold_eval_all: bool = False) -> Path:
             image = _normal(i if category == "bottle" else 10 + i)
             if category == "grid":
                 image = image.convert("L")  # MVTec's grid is grayscale
-            elif category == "cable":  # stored by path, not bytes
+            elif category == "cable":  # built from files (save_to_disk embeds their bytes)
                 image.save(files / f"cable_{i}.png")
                 image = str(files / f"cable_{i}.png")
             train["image"].append(image)
@@ -547,7 +547,7 @@ def test_plan_records_no_model_unless_given(source):
     assert plan_items(source, [("grid", "bent")], 1, seed=0)[0].record["model"] == ""
 
 
-def test_source_reads_gray_path_stored_and_odd_masks_as_rgb_and_boolean(source, source_dir):
+def test_source_reads_gray_images_and_odd_masks_as_rgb_and_boolean(source, source_dir):
     assert source.normal(6).mode == "RGB" and source.normal(6).size == (SIDE, SIDE)  # grid: stored gray
     assert np.array_equal(np.asarray(source.normal(6))[..., 0], np.asarray(_normal(10).convert("L")))
     image, _ = source.anomaly(7)
