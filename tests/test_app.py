@@ -367,24 +367,24 @@ def test_page_in_headless_chromium(session, tmp_path):
         )  # fmt: skip
         try:
             page = context.new_page()
-            page.goto(url, timeout=30_000)
+            page.goto(url, timeout=60_000)
             message = page.locator("#synth-message")
             page.get_by_role("button", name="Generate").click()
-            message.get_by_text("no normal image").wait_for(timeout=20_000)
+            message.get_by_text("no normal image").wait_for(timeout=60_000)
             # a train normal picked from the dataset, nothing drawn: the page says so, the server goes on
             page.locator("#normals .thumbnail-item").first.click()
             page.get_by_role("button", name="Generate").click()
-            message.get_by_text("no mask: draw where the defect goes").wait_for(timeout=20_000)
+            message.get_by_text("no mask: draw where the defect goes").wait_for(timeout=60_000)
             page.get_by_role("button", name="Load an example").click()
             page.wait_for_function(
-                "() => document.querySelector('#caption textarea').value.length > 0", timeout=20_000
+                "() => document.querySelector('#caption textarea').value.length > 0", timeout=60_000
             )
             steps = page.locator("#steps input[type=number]")
             steps.fill(str(STEPS))
             steps.press("Enter")
             page.get_by_role("button", name="Generate").click()
             message.get_by_text("largest change outside the mask = 0").wait_for(timeout=90_000)
-            page.locator("#result img").wait_for(timeout=10_000)
+            page.locator("#result img").wait_for(timeout=30_000)
             shot = tmp_path / "app.png"
             page.screenshot(path=str(shot), full_page=True)
             panel = tmp_path / "result.png"

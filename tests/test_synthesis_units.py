@@ -303,24 +303,30 @@ def test_check_model_needs_an_axf_pipeline(tmp_path, monkeypatch):
     with pytest.raises(SynthesisError, match=r"model_index.json is not valid JSON"):
         check_model(str(sd))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SynthesisError, match="has no model_index.json: not a saved pipeline folder"):
+    with pytest.raises(
+        SynthesisError, match="has no model_index.json: not a saved diffusers pipeline folder"
+    ):
         check_model(str(tmp_path / "empty"))
-    for missing in (str(tmp_path / "nowhere"), "./x/y", "a/b/c", "plain"):
+    for missing in (str(tmp_path / "nowhere"), "./x/y", "a/b/c"):
         with pytest.raises(SynthesisError, match=r"does not exist \(neither a folder nor a Hub id\)"):
             check_model(missing)
+    with pytest.raises(
+        SynthesisError, match=r"--model plain: cannot fetch its model_index.json from the Hub"
+    ):
+        check_model("plain")  # a bare name may be a (legacy) Hub id: offline, an error naming it
     # a Hub id is checked through its model_index.json; offline: an error naming the model
     import huggingface_hub
 
-    def offline(repo, name):
+    def offline(repo, name, **kwargs):
         assert (repo, name) == ("org/model", "model_index.json")
         raise OSError("offline")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(
-        SynthesisError, match=r"--model org/model: cannot fetch its model_index.json \(OSError\)"
+        SynthesisError, match=r"--model org/model: cannot fetch its model_index.json from the Hub \(OSError\)"
     ):
         check_model("org/model")
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: str(good / name))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, **kwargs: str(good / name))
     check_model("org/model")
 
 
@@ -489,7 +495,8 @@ def test_source_refuses_what_it_cannot_use(source_dir, tmp_path):
     d = datasets.load_from_disk(str(source_dir))
     d["train"].save_to_disk(str(tmp_path / "one"))  # one Dataset, not a DatasetDict
     with pytest.raises(
-        SynthesisError, match=rf"--dataset {tmp_path / 'one'} \(config 'ad'\) cannot be loaded"
+        SynthesisError,
+        match=rf"--dataset {tmp_path / 'one'} \(ad\) must have train and test splits, got one Dataset",
     ):
         SourceData(str(tmp_path / "one"), "ad")
     datasets.DatasetDict({"train": d["train"]}).save_to_disk(str(tmp_path / "no_test"))
