@@ -38,15 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, type=Path, help="output folder (created)")
     parser.add_argument("--num-per-image", type=int, default=1, help="samples per image")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument(
-        "--guidance-scale", type=float, default=7.5, help="the text's guidance weight (<= 1: none)"
-    )
-    parser.add_argument(
-        "--reference-guidance-scale",
-        type=float,
-        default=None,
-        help="the reference's weight in two-condition guidance; default: --guidance-scale (plain CFG, 2 UNet passes; a different value costs a third)",
-    )
+    from .synthesis.core import add_guidance_arguments
+
+    add_guidance_arguments(parser)
     parser.add_argument("--strength", type=float, default=1.0)
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)

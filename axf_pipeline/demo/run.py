@@ -200,36 +200,33 @@ def text_jobs(normals: list[np.ndarray], dataset, size: int, seed: int) -> list[
     """Text controllability: every normal image gets every caption once, each with its own square mask
     and a reference defect whose colour and shape both differ from the caption's, so only the text can
     carry them."""
-    rng = np.random.default_rng(seed)
-    test, refs = dataset["test"], generator_references(dataset)
-    jobs = []
-    for normal in normals:
-        for colour in COLOURS:
-            for shape in SHAPES:
-                choices = [
-                    i
-                    for i, kind in refs
-                    if not kind.startswith(colour + "_") and not kind.endswith("_" + shape)
-                ]
-                ref = test[int(rng.choice(choices))]
-                jobs.append(
-                    _job(normal, square_mask(rng, size, 12), caption_for(colour, shape), colour, shape, ref)
-                )
-    return jobs
+    return _condition_jobs(normals, dataset, size, seed, text=True)
 
 
 def reference_jobs(normals: list[np.ndarray], dataset, size: int, seed: int) -> list[dict]:
     """Reference fidelity: every normal image gets a reference of every defect type and an empty
     caption; the defect should take the reference's colour and shape."""
+    return _condition_jobs(normals, dataset, size, seed, text=False)
+
+
+def _condition_jobs(normals, dataset, size: int, seed: int, text: bool) -> list[dict]:
     rng = np.random.default_rng(seed)
     test, refs = dataset["test"], generator_references(dataset)
     jobs = []
     for normal in normals:
         for colour in COLOURS:
             for shape in SHAPES:
-                choices = [i for i, kind in refs if kind == f"{colour}_{shape}"]
+                if text:  # a reference of another colour and another shape
+                    choices = [
+                        i
+                        for i, kind in refs
+                        if not kind.startswith(colour + "_") and not kind.endswith("_" + shape)
+                    ]
+                else:  # a reference of exactly this type
+                    choices = [i for i, kind in refs if kind == f"{colour}_{shape}"]
                 ref = test[int(rng.choice(choices))]
-                jobs.append(_job(normal, square_mask(rng, size, 12), "", colour, shape, ref))
+                caption = caption_for(colour, shape) if text else ""
+                jobs.append(_job(normal, square_mask(rng, size, 12), caption, colour, shape, ref))
     return jobs
 
 

@@ -51,15 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="item k of (category, type) is seeded from (seed, category, type, k)",
     )
     parser.add_argument("--steps", type=int, default=50, help="denoising steps")
-    parser.add_argument(
-        "--guidance-scale", type=float, default=7.5, help="the text's guidance weight (<= 1: none)"
-    )
-    parser.add_argument(
-        "--reference-guidance-scale",
-        type=float,
-        default=None,
-        help="the reference's weight in two-condition guidance; default: --guidance-scale (plain CFG, 2 UNet passes; a different value costs a third)",
-    )
+    from .core import add_guidance_arguments
+
+    add_guidance_arguments(parser)
     parser.add_argument(
         "--padding-mask-crop",
         type=int,

@@ -299,3 +299,16 @@ def run_items(
         gather_object([(made, skipped, seconds)]) if state.num_processes > 1 else [(made, skipped, seconds)]
     )
     return Summary(sum(c[0] for c in counts), sum(c[1] for c in counts), max(c[2] for c in counts))
+
+
+def add_guidance_arguments(parser) -> None:
+    """``--guidance-scale`` and ``--reference-guidance-scale``, the same for ``axf synthesize`` and ``axf generate``."""
+    parser.add_argument(
+        "--guidance-scale", type=float, default=7.5, help="the text's guidance weight (<= 1: none)"
+    )
+    parser.add_argument(
+        "--reference-guidance-scale",
+        type=float,
+        default=None,
+        help="the reference's weight in two-condition guidance; default: --guidance-scale (plain CFG, 2 UNet passes; a different value costs a third)",
+    )
