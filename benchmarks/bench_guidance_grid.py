@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from axf_pipeline.demo import run as demo  # noqa: E402
 
+VALIDATION_SEED_OFFSET = 20_000  # masks and references of the validation jobs: not the test or fresh seeds
+
 
 def pipeline_dir(run: Path) -> Path:
     found = sorted(p.parent for p in (run / "runs").glob("*/model_index.json"))
@@ -67,9 +69,6 @@ def measure_grid(run: Path, grid: list[tuple[float, float]], args) -> dict:
         print(f"{run.name} text {text_scale} reference {reference_scale}: "
               f"text {result['text_controllability']:.3f} reference {result['reference_fidelity']:.3f}", flush=True)  # fmt: skip
     return out
-
-
-VALIDATION_SEED_OFFSET = 20_000  # masks and references of the validation jobs: not the test or fresh seeds
 
 
 def choose(per_run: dict, grid: list[tuple[float, float]]) -> tuple[str, dict]:
