@@ -68,9 +68,13 @@ def build_tiny_components(
     use_aggregator: bool = True,
     use_ddf: bool = True,
     scheduler: str = "ddim",
+    unet_layout: str = "low",
     seed: int = 0,
 ) -> dict:
     """All components of an :class:`AnomalyXFusionPipeline`, tiny and seeded.
+
+    ``unet_layout``: where the UNet cross-attends to the X-embedding. ``"sd"`` is Stable Diffusion 1.5's
+    layout (every level but the lowest, plus the mid block); ``"low"`` only the lower levels (cheaper).
 
     ``sample_size`` is the image size in pixels; the VAE downsamples by ``2 ** (len(vae_block_out_channels) - 1)``.
     ``unet_in_channels`` is 4 (blended sampling) or 9 (inpainting UNet).
@@ -83,7 +87,7 @@ def build_tiny_components(
     torch.manual_seed(seed)
     unet = _tiny_unet(
         sample_size // vae_scale, unet_in_channels, latent_channels, block_out_channels, norm_num_groups,
-        cross_attention_dim,
+        cross_attention_dim, unet_layout,
     )  # fmt: skip
     torch.manual_seed(seed)
     vae = _tiny_vae(sample_size, vae_block_out_channels, latent_channels, norm_num_groups)
@@ -137,9 +141,20 @@ def pipeline_components(
 
 
 def _tiny_unet(
-    sample_size, in_channels, out_channels, block_out_channels, norm_num_groups, cross_attention_dim
-):
+    sample_size, in_channels, out_channels, block_out_channels, norm_num_groups, cross_attention_dim,
+    layout: str = "low",
+):  # fmt: skip
     from diffusers import UNet2DConditionModel
+
+    levels = len(block_out_channels)
+    if layout == "sd":  # SD-1.5: CrossAttn at every resolution but the lowest
+        down = ("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",)
+        up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1)
+    elif layout == "low":
+        down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1)
+        up = ("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",)
+    else:
+        raise ValueError(f"unet_layout must be 'sd' or 'low', not {layout!r}")
 
     return UNet2DConditionModel(
         sample_size=sample_size,
@@ -148,8 +163,8 @@ def _tiny_unet(
         block_out_channels=block_out_channels,
         layers_per_block=1,
         norm_num_groups=norm_num_groups,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(block_out_channels) - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (len(block_out_channels) - 1) + ("UpBlock2D",),
+        down_block_types=down,
+        up_block_types=up,
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
     )

@@ -40,12 +40,11 @@ def pipeline_dir(run: Path) -> Path:
 
 
 def measure_grid(run: Path, grid: list[tuple[float, float]], args) -> dict:
-    from datasets import load_dataset
-
     from axf_pipeline import AnomalyXFusionPipeline
+    from mvtec_caption._io import load_source
 
     pipe = AnomalyXFusionPipeline.from_pretrained(pipeline_dir(run))
-    dataset = load_dataset(str(run / "mvtec_caption"), "ad")
+    dataset = load_source(str(run / "mvtec_caption"), "ad")
     normals = demo.normals_of(sorted((run / "toy" / "validation").glob("*.png")))
     if not normals:
         raise SystemExit(f"{run}: no validation normals in toy/validation/")

@@ -37,14 +37,28 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=1000, help="generator training steps")
     p.add_argument("--vae_steps", type=int, default=400)
     p.add_argument("--clip_steps", type=int, default=300)
+    p.add_argument(
+        "--anomalies_per_type", type=int, default=None, help="toy anomalies per type (demo default)"
+    )
     p.add_argument("--guidance", nargs="+", default=["4/4"], help="TEXT/REFERENCE guidance pairs")
     p.add_argument("--work", type=Path, default=Path("outputs/recipe_validation"))
     p.add_argument("--output", type=Path, default=Path("benchmarks/results/recipe_validation/results.jsonl"))
+    p.add_argument(
+        "--unet_layout", default=None, help="tiny UNet layout (axf_pipeline.tiny; default: demo's)"
+    )
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="train.py flags (last)")
     a = p.parse_args()
     torch.set_num_threads(1)
-    args = demo.build_parser().parse_args(["--seed", str(a.seed), "--train_steps", str(a.steps)])
-    work = a.work / f"vae{a.vae_steps}_clip{a.clip_steps}_seed{a.seed}"
+    per_type = [] if a.anomalies_per_type is None else ["--anomalies_per_type", str(a.anomalies_per_type)]
+    args = demo.build_parser().parse_args(["--seed", str(a.seed), "--train_steps", str(a.steps), *per_type])
+    work = a.work / f"vae{a.vae_steps}_clip{a.clip_steps}_n{args.anomalies_per_type}_seed{a.seed}"
+    if a.unet_layout is not None:  # the base the demo would build, with another UNet layout
+        import functools
+
+        from axf_pipeline import tiny
+
+        tiny.build_tiny_components = functools.partial(tiny.build_tiny_components, unet_layout=a.unet_layout)
+        work = work.with_name(work.name + f"_{a.unet_layout}")
     toy, export, dataset = demo.build_dataset(
         work, args.size, args.anomalies_per_type, args.held_out_normals, a.seed
     )
@@ -62,7 +76,7 @@ def main() -> int:
     rng = np.random.default_rng(a.seed + VALIDATION_SEED_OFFSET)
     normals = [normal_image(rng, args.size) for _ in range(8)]
     row = {"name": a.name, "seed": a.seed, "steps": a.steps, "vae_steps": a.vae_steps, "clip_steps": a.clip_steps,
-           "flags": a.extra, "train_s": round(seconds, 1)}  # fmt: skip
+           "anomalies_per_type": args.anomalies_per_type, "unet_layout": a.unet_layout, "flags": a.extra, "train_s": round(seconds, 1)}  # fmt: skip
     for pair in a.guidance:
         text, reference = (float(x) for x in pair.split("/"))
         one = argparse.Namespace(size=args.size, inference_steps=args.inference_steps, synthesis_batch=64,

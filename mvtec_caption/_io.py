@@ -46,4 +46,12 @@ def load_source(source, config: str | None = None, cache_dir: str | None = None)
     path = Path(source)
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         return datasets.load_from_disk(str(path))
+    if path.is_dir():
+        # A local folder's files are named to load_dataset explicitly: with only the folder, datasets keys
+        # its cache on the folder's base name and card, so a second `synthetic/` (or one rewritten in
+        # place) silently loads the first one's cached rows.
+        files = datasets.load_dataset_builder(str(path), config, cache_dir=cache_dir).config.data_files
+        if files:
+            files = {split: list(found) for split, found in files.items()}
+            return datasets.load_dataset(str(path), config, data_files=files, cache_dir=cache_dir)
     return datasets.load_dataset(str(source), config, cache_dir=cache_dir)

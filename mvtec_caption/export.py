@@ -27,7 +27,7 @@ from datasets.info import DatasetInfosDict
 from huggingface_hub import DatasetCard, DatasetCardData, HfApi
 from tqdm.auto import tqdm
 
-from ._io import atomic_write
+from ._io import atomic_write, load_source
 from .builder import CITATION, LICENSE, SPLITS, MVTecCaption
 from .errors import MVTecCaptionError
 from .images import decode
@@ -365,7 +365,7 @@ def check_export(output: str | Path, cache_dir: str | Path | None = None) -> dic
         for split, shards in splits.items():
             _check_rows(output, config_name, split, shards)
     for config_name, entry in summary.items():
-        loaded = datasets.load_dataset(
+        loaded = load_source(
             str(output), config_name, cache_dir=None if cache_dir is None else str(cache_dir)
         )
         for split, counts in entry["splits"].items():

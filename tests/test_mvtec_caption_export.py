@@ -277,3 +277,33 @@ def test_push_uploads_the_export_as_a_dataset_repo(tmp_path, monkeypatch):
     assert "README.md" in uploaded and "loco/test-00000-of-00001.parquet" in uploaded
     with pytest.raises(MVTecCaptionError, match="is not an MVTec Caption export"):
         push_to_hub(tmp_path / "raw", "someone/mvtec_caption")
+
+
+def test_load_source_never_returns_another_folders_cached_rows(tmp_path, monkeypatch):
+    """datasets keys a local folder's cache on its base name and card: two exports both called
+    ``mvtec_caption`` (or one rewritten in place) must still load their own rows through the one loader."""
+    from mvtec_caption._io import load_source
+    from mvtec_caption.sample_tree import synthetic_captions
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "shared_cache"))
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "shared_cache")
+
+    def export(parent: str, scale: float, prefix: str) -> Path:
+        captions = {c: {d: [f"{prefix} {t}" for t in ts] for d, ts in v.items()}
+                    for c, v in synthetic_captions("ad").items() if c == "bottle"}  # fmt: skip
+        tree = make_sample_tree(tmp_path / "raw" / parent, "ad", captions, scale=scale,
+                                captions_path=tmp_path / f"{parent}.json")  # fmt: skip
+        out = tmp_path / parent / "mvtec_caption"
+        export_dataset("ad", tree.root, out, tree.captions_path, cache_dir=tmp_path / "cache")
+        return out
+
+    first, second = export("one", 0.02, "first"), export("two", 0.02, "second")
+    captions = [set(load_source(str(p), "ad")["test"]["caption"]) for p in (first, second)]
+    assert all(c.startswith("first") for c in captions[0] if c)
+    assert all(c.startswith("second") for c in captions[1] if c)
+    # the same folder rewritten in place: the new rows, not the cached old ones
+    shutil.rmtree(first)
+    rewritten = export("one", 0.02, "third")
+    assert all(c.startswith("third") for c in load_source(str(rewritten), "ad")["test"]["caption"] if c)
