@@ -79,6 +79,7 @@ def test_the_draw_is_exclusive_and_deterministic_under_a_seed():
         (["--caption_drop_prob", "0.6", "--reference_drop_prob", "0.5"], "exceed 1"),
         (["--joint_drop_prob", "-0.1"], "--joint_drop_prob must be in"),
         (["--reference_drop_prob", "1.5"], "--reference_drop_prob must be in"),
+        (["--reference_mismatch_prob", "1.5"], "--reference_mismatch_prob must lie in"),
     ],
 )
 def test_bad_dropout_probabilities_are_refused_by_name(flags, message):
@@ -97,3 +98,47 @@ def test_bad_dropout_probabilities_are_refused_by_name(flags, message):
     with pytest.raises(TrainingInputError):
         check_drop_probs(0.5, 0.5, 0.5)
     assert check_drop_probs(0.2, 0.3, 0.5) == (0.2, 0.3, 0.5)
+
+
+def two_type_set(per_type: int = 4):
+    """Category ``tile`` with a red and a blue defect type whose images are flat red / flat blue."""
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
+
+    rows = {"image": [], "mask": [], "caption": [], "category": [], "defect_type": []}
+    for colour, rgb in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+        for _ in range(per_type):
+            mask = np.zeros((32, 32), np.uint8)
+            mask[8:20, 8:20] = 255
+            rows["image"].append(Image.fromarray(np.full((32, 32, 3), rgb, np.uint8)))
+            rows["mask"].append(Image.fromarray(mask))
+            rows["caption"].append(f"a {colour} spot")
+            rows["category"].append("tile")
+            rows["defect_type"].append(colour)
+    features = Features(
+        image=ImageFeature(), mask=ImageFeature(), caption=Value("string"),
+        category=Value("string"), defect_type=Value("string"),
+    )  # fmt: skip
+    return Dataset.from_dict(rows, features=features)
+
+
+@pytest.mark.parametrize("mismatch", [0.0, 0.5, 1.0])
+def test_a_mismatched_reference_comes_only_with_both_conditions_and_at_its_rate(mismatch):
+    dataset = AnomalyTrainingDataset(
+        two_type_set(), 32, crop_jitter=0, random_flip=False, caption_drop_prob=0.2, reference_drop_prob=0.2,
+        joint_drop_prob=0.1, reference_mismatch_prob=mismatch,
+    )  # fmt: skip
+    both = other = 0
+    for epoch in range(60):
+        dataset.set_epoch(epoch)
+        for i in range(len(dataset)):
+            item = dataset[i]
+            own_is_red = dataset.group_of[i][1] == "red"
+            ref_is_red = bool(item["reference"][0].mean() > item["reference"][2].mean())
+            keeps_both = item["caption"] != "" and bool(item["has_reference"])
+            if not keeps_both:  # a reference-only example must show its own type's reference
+                assert ref_is_red == own_is_red
+                continue
+            both += 1
+            other += ref_is_red != own_is_red
+    assert within_binomial_bounds(other, both, mismatch), (other, both)

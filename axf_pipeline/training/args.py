@@ -129,6 +129,13 @@ def _data_flags(g) -> None:
         help="Probability of dropping caption and reference together: the unconditional branch of guidance. "
         "The three are exclusive events (sum <= 1).",
     )
+    g.add_argument(
+        "--reference_mismatch_prob",
+        type=float,
+        default=0.0,
+        help="Of the examples that keep both conditions, the share whose reference is another defect type of "
+        "the same category: the caption is the label, so where the two disagree the caption decides.",
+    )
     g.add_argument("--dataloader_num_workers", type=int, default=0)
     g.add_argument(
         "--cache_latents",
@@ -246,6 +253,10 @@ def check_args(args: argparse.Namespace) -> None:
         if value is not None and not 0.0 <= value <= 1.0:
             bad(f"--{name} must be in [0, 1], got {value}")
     check_drop_probs(args.caption_drop_prob, args.reference_drop_prob, args.joint_drop_prob)
+    if not 0 <= args.reference_mismatch_prob <= 1:
+        raise TrainingInputError(
+            f"--reference_mismatch_prob must lie in [0, 1], got {args.reference_mismatch_prob}"
+        )
     if not 0.0 <= args.ema_decay < 1.0:
         bad(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     if args.snr_gamma is not None and args.snr_gamma <= 0:

@@ -150,6 +150,7 @@ class AnomalyTrainingDataset(torch.utils.data.Dataset):
         caption_drop_prob: float = 0.25,
         reference_drop_prob: float = 0.35,
         joint_drop_prob: float = 0.1,
+        reference_mismatch_prob: float = 0.0,
         decoded_cache_mb: float = 1024,
     ):
         self.dataset = dataset
@@ -158,6 +159,7 @@ class AnomalyTrainingDataset(torch.utils.data.Dataset):
         self.crop_jitter = crop_jitter
         self.random_flip = random_flip
         self.drop_probs = check_drop_probs(caption_drop_prob, reference_drop_prob, joint_drop_prob)
+        self.reference_mismatch_prob = reference_mismatch_prob
         self.epoch = 0
         meta = dataset.select_columns(["category", "defect_type", "path"] if "path" in dataset.column_names
                                       else ["category", "defect_type"]).to_dict()  # fmt: skip
@@ -205,11 +207,10 @@ class AnomalyTrainingDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         rng = _rng(self.seed, self.epoch, index)
         pixels, mask, caption, key = self._crop(index, rng)
-        group = self.groups[self.group_of[index]]
-        others = [j for j in group if j != index] or group
-        ref_index = others[int(rng.integers(len(others)))]
-        reference, reference_mask, _, _ = self._crop(ref_index, rng)
         dropped = draw_dropped_condition(rng, *self.drop_probs)
+        mismatched = dropped is None and rng.random() < self.reference_mismatch_prob
+        ref_index = self._reference_of(index, rng, mismatched)
+        reference, reference_mask, _, _ = self._crop(ref_index, rng)
         return {
             "pixel_values": pixels * 2 - 1,
             "mask": mask,
@@ -219,6 +220,19 @@ class AnomalyTrainingDataset(torch.utils.data.Dataset):
             "caption": "" if dropped in ("caption", "both") else caption,
             "key": key,
         }
+
+    def _reference_of(self, index: int, rng: np.random.Generator, mismatched: bool) -> int:
+        """Another anomaly of the same defect type, or (``mismatched``) of another type of the same category
+        when the category has one."""
+        category, defect_type = self.group_of[index]
+        if mismatched:
+            others = [
+                j for (c, d), rows in self.groups.items() if c == category and d != defect_type for j in rows
+            ]
+        if not mismatched or not others:
+            group = self.groups[(category, defect_type)]
+            others = [j for j in group if j != index] or group
+        return others[int(rng.integers(len(others)))]
 
 
 def draw_dropped_condition(

@@ -217,6 +217,7 @@ def write_model_card(
         caption_drop_prob=args.caption_drop_prob,
         reference_drop_prob=args.reference_drop_prob,
         joint_drop_prob=args.joint_drop_prob,
+        reference_mismatch_prob=args.reference_mismatch_prob,
         mixed_precision=args.mixed_precision or "no",
         seed=args.seed,
         lora_rank=args.lora_rank,

@@ -214,6 +214,7 @@ def make_batches(args: argparse.Namespace, data, accelerator) -> Batches:
         caption_drop_prob=args.caption_drop_prob,
         reference_drop_prob=args.reference_drop_prob,
         joint_drop_prob=args.joint_drop_prob,
+        reference_mismatch_prob=args.reference_mismatch_prob,
     )
     sampler = EpochBatchSampler(
         len(train_dataset),
