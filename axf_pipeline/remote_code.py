@@ -23,7 +23,6 @@ import inspect
 import json
 import os
 import sys
-import uuid
 from pathlib import Path
 from types import ModuleType
 
@@ -130,14 +129,6 @@ def bundle(module: ModuleType) -> str:
     return header + text
 
 
-def _write(path: Path, text: str) -> None:
-    """Writes under a temporary name, then renames into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_remote_code(pipeline, save_directory: str | os.PathLike) -> list[str]:
     """After diffusers has saved ``pipeline`` to ``save_directory``: writes the code files and records them in
     ``model_index.json``. Returns the written files, relative to the folder."""
@@ -154,9 +145,13 @@ def write_remote_code(pipeline, save_directory: str | os.PathLike) -> list[str]:
         module = sys.modules[type(component).__module__]
         files[f"{name}/{_stem(module)}.py"] = bundle(module)
         index[name] = [_stem(module), type(component).__name__]
+    # Written in place, like the rest of save_pretrained; the training export stages whole folders.
     for relative, text in files.items():
-        _write(folder / relative, text)
-    _write(folder / "model_index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_text(text, encoding="utf-8")
+    (folder / "model_index.json").write_text(
+        json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
     return sorted(files)
 
 

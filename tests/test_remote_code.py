@@ -195,3 +195,39 @@ def test_bundling_refuses_a_name_two_inlined_modules_define(tmp_path, monkeypatc
 
     with pytest.raises(RuntimeError, match="scale is defined in both clashpkg"):
         bundle(clashpkg.main)
+
+
+def serve_as_hub_repo(monkeypatch, folder, repo="someone/axf-tiny"):
+    """diffusers' Hub calls answered from ``folder`` (no network in tests): the file listing, single files."""
+    from types import SimpleNamespace
+
+    from diffusers.pipelines import pipeline_utils
+    from diffusers.utils import dynamic_modules_utils
+
+    files = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+    info = SimpleNamespace(siblings=[SimpleNamespace(rfilename=f) for f in files], sha="0" * 40)
+
+    def download(repo_id, filename, subfolder=None, **kwargs):
+        assert repo_id == repo
+        return str(folder / (f"{subfolder}/{filename}" if subfolder else filename))
+
+    for module in (pipeline_utils, dynamic_modules_utils):
+        monkeypatch.setattr(module, "model_info", lambda repo_id, **kwargs: info)
+        monkeypatch.setattr(module, "hf_hub_download", download)
+    return repo
+
+
+def test_a_pushed_folder_loads_from_the_hub_both_ways(saved, tmp_path, monkeypatch):
+    """diffusers' Hub download accepts only components it can find code for: with the package's module paths in
+    model_index.json (the layout before the folder carried code) it refused a pushed pipeline outright."""
+    monkeypatch.setattr("diffusers.utils.dynamic_modules_utils.HF_MODULES_CACHE", str(tmp_path / "modules"))
+    repo = serve_as_hub_repo(monkeypatch, saved)
+    pipe = AnomalyXFusionPipeline.from_pretrained(repo)
+    assert type(pipe.mif) is MultiModalInFusion
+    remote = DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)
+    assert (
+        type(remote).__module__.startswith("diffusers_modules.")
+        and type(remote).__name__ == pipe.__class__.__name__
+    )
+    image, mask = image_and_mask()
+    np.testing.assert_allclose(sample(remote, image, mask), sample(pipe, image, mask), atol=1e-5)
