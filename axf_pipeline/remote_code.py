@@ -142,6 +142,7 @@ def write_remote_code(pipeline, save_directory: str | os.PathLike) -> list[str]:
         if name.startswith("_") or not isinstance(entry, list) or not _is_custom(entry[0]):
             continue
         component = getattr(pipeline, name)
+        component = getattr(component, "_orig_mod", component)  # torch.compile's wrapper: the model inside
         module = sys.modules[type(component).__module__]
         files[f"{name}/{_stem(module)}.py"] = bundle(module)
         index[name] = [_stem(module), type(component).__name__]

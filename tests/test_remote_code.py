@@ -162,7 +162,7 @@ def test_the_package_loader_runs_no_code_from_the_folder_and_the_generic_one_ask
             f.write('\nraise RuntimeError("the folder\'s code ran")\n')
     pipe = AnomalyXFusionPipeline.from_pretrained(tampered)
     assert type(pipe.mif) is MultiModalInFusion
-    with pytest.raises(ValueError, match="trust_remote_code=True"):
+    with pytest.raises(ValueError, match="trust_remote_code=True"):  # refused before any code is copied
         DiffusionPipeline.from_pretrained(tampered)
 
 
@@ -217,10 +217,15 @@ def serve_as_hub_repo(monkeypatch, folder, repo="someone/axf-tiny"):
     return repo
 
 
-def test_a_pushed_folder_loads_from_the_hub_both_ways(saved, tmp_path, monkeypatch):
+@pytest.fixture
+def modules_cache(tmp_path, monkeypatch):
+    """diffusers copies remote code into its modules cache: a temporary one, not the user's."""
+    monkeypatch.setattr("diffusers.utils.dynamic_modules_utils.HF_MODULES_CACHE", str(tmp_path / "modules"))
+
+
+def test_a_pushed_folder_loads_from_the_hub_both_ways(saved, monkeypatch, modules_cache):
     """diffusers' Hub download accepts only components it can find code for: with the package's module paths in
     model_index.json (the layout before the folder carried code) it refused a pushed pipeline outright."""
-    monkeypatch.setattr("diffusers.utils.dynamic_modules_utils.HF_MODULES_CACHE", str(tmp_path / "modules"))
     repo = serve_as_hub_repo(monkeypatch, saved)
     pipe = AnomalyXFusionPipeline.from_pretrained(repo)
     assert type(pipe.mif) is MultiModalInFusion
@@ -231,3 +236,24 @@ def test_a_pushed_folder_loads_from_the_hub_both_ways(saved, tmp_path, monkeypat
     )
     image, mask = image_and_mask()
     np.testing.assert_allclose(sample(remote, image, mask), sample(pipe, image, mask), atol=1e-5)
+
+
+def test_without_ddf_and_reference_encoder_the_folder_loads_as_remote_code_too(tmp_path, modules_cache):
+    components = build_tiny_components(use_ddf=False)
+    components.update(image_encoder=None, feature_extractor=None)
+    AnomalyXFusionPipeline(**components).save_pretrained(tmp_path / "model")
+    assert not (tmp_path / "model" / "ddf").exists()
+    index = json.loads((tmp_path / "model" / "model_index.json").read_text())
+    assert index["ddf"] == [None, None] and index["mif"] == ["multimodal_in_fusion", "MultiModalInFusion"]
+    remote = DiffusionPipeline.from_pretrained(tmp_path / "model", trust_remote_code=True)
+    assert type(remote).__module__.startswith("diffusers_modules.") and remote.ddf is None
+    image, mask = image_and_mask()
+    arguments = dict(image=image, mask_image=mask, num_inference_steps=STEPS, output_type="np")
+    remote.set_progress_bar_config(disable=True)
+    package = AnomalyXFusionPipeline.from_pretrained(tmp_path / "model")
+    package.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(
+        remote("a scratch", generator=torch.Generator().manual_seed(1), **arguments).images,
+        package("a scratch", generator=torch.Generator().manual_seed(1), **arguments).images,
+        atol=1e-5,
+    )
