@@ -242,6 +242,7 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
 
     @classmethod
     def _get_signature_types(cls):
+        # Run as remote code, MIF and DDF come from their folders' own files: diffusers' check must accept them.
         return remote_code.signature_types(super()._get_signature_types(), cls)
 
     @classmethod
