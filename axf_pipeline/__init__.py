@@ -1,8 +1,8 @@
 """AnomalyXFusion: multi-modal industrial anomaly synthesis with diffusion.
 
-A saved pipeline's ``model_index.json`` records the custom classes by module path
-(``axf_pipeline.models.multimodal_in_fusion``, ``axf_pipeline.models.dynamic_dif_fusion``): those
-module paths are public and must stay stable.
+A saved pipeline folder carries its own code (:mod:`axf_pipeline.remote_code`); folders saved before that
+record the custom classes by module path (``axf_pipeline.models.multimodal_in_fusion``,
+``axf_pipeline.models.dynamic_dif_fusion``): those module paths are public and must stay stable.
 """
 
 from .models import DynamicDifFusion, MultiModalInFusion

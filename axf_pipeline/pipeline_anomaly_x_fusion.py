@@ -1,7 +1,9 @@
 """AnomalyXFusionPipeline: paint a described defect into a normal image where a mask says (paper §4).
 
-The module path ``axf_pipeline.pipeline_anomaly_x_fusion`` and the class names are public: saved
-pipelines record ``["axf_pipeline", "<Class>"]`` in ``model_index.json``.
+The module path ``axf_pipeline.pipeline_anomaly_x_fusion`` and the class names are public: a saved folder
+carries this module (bundled) and the component modules, recorded in ``model_index.json`` as
+``["pipeline_anomaly_x_fusion", "AnomalyXFusionPipeline"]`` and ``["multimodal_in_fusion", "MultiModalInFusion"]``
+(see :mod:`axf_pipeline.remote_code`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from . import image_processing as ip
+from . import remote_code
 from .conditioning import cross_attention_states, encode_reference, encode_text, x_embedding
 from .models import DynamicDifFusion, MultiModalInFusion
 
@@ -225,6 +228,29 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
         if not safe_serialization:
             raise ValueError(f"{self._SAFETENSORS_ONLY}: save_pretrained(safe_serialization=False) refused")
         super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
+
+    def to_json_file(self, json_file_path: str | os.PathLike):
+        """diffusers' ``model_index.json``, then the code that lets the folder load without this package
+        (``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``), before any push."""
+        super().to_json_file(json_file_path)
+        remote_code.write_remote_code(self, os.path.dirname(os.path.abspath(json_file_path)))
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike):
+        # The remote-code layout's `_class_name` is read as this class: the package's code runs, not the folder's.
+        return remote_code.read_class_name(super()._dict_from_json_file(json_file), cls)
+
+    @classmethod
+    def _get_signature_types(cls):
+        # Run as remote code, MIF and DDF come from their folders' own files: diffusers' check must accept them.
+        return remote_code.signature_types(super()._get_signature_types(), cls)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """diffusers' reader; the folder's own component code is read as the package's classes."""
+        loaded = super().load_config(*args, **kwargs)
+        remote_code.read_components(loaded[0] if isinstance(loaded, tuple) else loaded, cls)
+        return loaded
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):

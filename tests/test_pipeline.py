@@ -253,8 +253,9 @@ def test_save_load_round_trip_and_model_index(pipe, tmp_path):
     before = pipe(**inputs()).images
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
-    assert index["mif"] == ["axf_pipeline.models.multimodal_in_fusion", "MultiModalInFusion"]
-    assert index["ddf"] == ["axf_pipeline.models.dynamic_dif_fusion", "DynamicDifFusion"]
+    # The remote-code layout (tests/test_remote_code.py): the folder's own files, read back as the package's classes.
+    assert index["mif"] == ["multimodal_in_fusion", "MultiModalInFusion"]
+    assert index["ddf"] == ["dynamic_dif_fusion", "DynamicDifFusion"]
     assert not list(tmp_path.rglob("*.bin")) and list((tmp_path / "mif").glob("*.safetensors"))
     loaded = AnomalyXFusionPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
@@ -322,9 +323,14 @@ def test_push_to_hub_uploads_the_saved_folder(pipe, monkeypatch):
     monkeypatch.setattr(hub_utils.PushToHubMixin, "_upload_folder", fake_upload)
     pipe.push_to_hub("someone/axf-tiny", token="x")
     assert uploaded["repo"] == "someone/axf-tiny"
-    assert {"model_index.json", "mif/diffusion_pytorch_model.safetensors", "ddf/config.json"} <= uploaded[
-        "files"
-    ]
+    assert {
+        "model_index.json",
+        "mif/diffusion_pytorch_model.safetensors",
+        "ddf/config.json",
+        "pipeline_anomaly_x_fusion.py",
+        "mif/multimodal_in_fusion.py",
+        "ddf/dynamic_dif_fusion.py",
+    } <= uploaded["files"]
 
 
 # ---------------------------------------------------------------- from_base

@@ -137,6 +137,7 @@ def test_run_saves_a_loadable_pipeline_that_differs_from_untrained(fixture, trai
     card = (out / "README.md").read_text()
     assert "cc-by-nc-sa-4.0" in card and "| steps | 6 " in card and str(fixture["base"]) in card
     assert (out / "unet_lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "pipeline_anomaly_x_fusion.py").is_file()  # the code for trust_remote_code, published too
 
     loaded = AnomalyXFusionPipeline.from_pretrained(out)
     assert not any("lora" in k for k in loaded.unet.state_dict()), "saved UNet carries an unfused adapter"

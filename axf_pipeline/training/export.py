@@ -37,11 +37,13 @@ _EXPORT_NAME = re.compile(r"^step-\d+-[0-9a-f]{8}(\.tmp)?$")
 
 
 def _published_names() -> list[str]:
-    """Every name an export may put in ``output_dir``: model_index.json, the card, the LoRA, the components."""
+    """Every name an export may put in ``output_dir``: model_index.json, the card, the LoRA, the pipeline's code
+    file, the components."""
     from .. import AnomalyXFusionPipeline
+    from ..remote_code import pipeline_file
 
     components, _ = AnomalyXFusionPipeline._get_signature_keys(AnomalyXFusionPipeline)
-    return ["model_index.json", "README.md", LORA_DIR, *components]
+    return ["model_index.json", "README.md", LORA_DIR, pipeline_file(AnomalyXFusionPipeline), *components]
 
 
 def _link_target(name: str) -> str:
