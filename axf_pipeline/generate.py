@@ -157,7 +157,10 @@ def _settings(args: argparse.Namespace, pairs: list[tuple[Path, Path]]) -> dict:
     content = {"--model": model_fingerprint(args.model), "--images/--masks": files_fingerprint(inputs)}
     if args.lora:
         content["--lora"] = model_fingerprint(args.lora, "--lora")
-    for flag, path in (("--reference-image", args.reference_image), ("--reference-mask", args.reference_mask)):
+    for flag, path in (
+        ("--reference-image", args.reference_image),
+        ("--reference-mask", args.reference_mask),
+    ):
         if path is not None:
             content[flag] = files_fingerprint([("reference", path)])
     return {k: getattr(args, k) for k in keys} | {"content": content}

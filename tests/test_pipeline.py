@@ -643,7 +643,9 @@ def test_the_one_default_generates_a_real_sized_defect_at_the_training_scale():
     assert train_scale == 1 / vae  # the defect fits the window: native scale
 
     def latent_scale(**kwargs):
-        out = big(**inputs(image=image, mask_image=mask, num_inference_steps=1, output_type="latent", **kwargs))
+        out = big(
+            **inputs(image=image, mask_image=mask, num_inference_steps=1, output_type="latent", **kwargs)
+        )
         assert out.images.shape[-2:] == (size // vae, size // vae)
         return _extent(out.masks[0]) / 60
 

@@ -391,7 +391,9 @@ def test_content_hash_follows_the_weights_not_the_path(tmp_path):
     for name in ("unet", "vae", "checkpoint-5"):
         (model / name).mkdir(parents=True)
         (model / name / "weights.safetensors").write_bytes(name.encode())
-    (model / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "U"], "vae": ["diffusers", "V"]}))
+    (model / "model_index.json").write_text(
+        json.dumps({"unet": ["diffusers", "U"], "vae": ["diffusers", "V"]})
+    )
     first = content_hash(model)
     (model / "README.md").write_text("a card")  # neither the card, nor a checkpoint beside the pipeline,
     (model / "checkpoint-5" / "weights.safetensors").write_bytes(b"other")  # nor a hidden file counts

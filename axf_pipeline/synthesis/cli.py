@@ -178,7 +178,9 @@ def _run(args: argparse.Namespace, pipe=None) -> int:
         export.write_parquet(args.output, items)
         export.write_previews(args.output, source, items)
         card_settings = {"model": args.model, "dataset": args.dataset, **settings}
-        export.write_card(args.output, items, card_settings, {"made": summary.made, "skipped": summary.skipped})
+        export.write_card(
+            args.output, items, card_settings, {"made": summary.made, "skipped": summary.skipped}
+        )
         print(summary.line(COMMAND))
         if fallbacks:
             print(

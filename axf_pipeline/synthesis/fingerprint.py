@@ -19,7 +19,13 @@ from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["content_hash", "dataset_fingerprint", "files_fingerprint", "model_fingerprint", "publishable_name"]
+__all__ = [
+    "content_hash",
+    "dataset_fingerprint",
+    "files_fingerprint",
+    "model_fingerprint",
+    "publishable_name",
+]
 
 HASH_CHARS = 12  # of the sha256 in a publishable name
 _SKIPPED = {"README.md", ".gitattributes"}  # a card edit changes no weight or row
@@ -96,7 +102,9 @@ def model_fingerprint(model: str, flag: str = "--model") -> str:
     try:
         return f"hub:{model}@{_hub_commit(model, 'model')}"
     except Exception as err:  # offline and not cached, unknown repo: say which
-        raise SynthesisError(f"{flag} {model}: cannot resolve its Hub commit ({type(err).__name__})") from None
+        raise SynthesisError(
+            f"{flag} {model}: cannot resolve its Hub commit ({type(err).__name__})"
+        ) from None
 
 
 def dataset_fingerprint(dataset: str) -> str:
@@ -109,7 +117,9 @@ def dataset_fingerprint(dataset: str) -> str:
     try:
         return f"hub:{dataset}@{_hub_commit(dataset, 'dataset')}"
     except Exception as err:
-        raise SynthesisError(f"--dataset {dataset}: cannot resolve its Hub commit ({type(err).__name__})") from None
+        raise SynthesisError(
+            f"--dataset {dataset}: cannot resolve its Hub commit ({type(err).__name__})"
+        ) from None
 
 
 def files_fingerprint(named: Iterable[tuple[str, str | os.PathLike]]) -> str:

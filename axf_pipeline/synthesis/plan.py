@@ -149,5 +149,7 @@ def mark_fallbacks(output: Path, items: Sequence[Item]) -> int:
     for item in items:
         with PIL.Image.open(output / item.mask_path) as mask:
             written = np.asarray(mask.convert("L")) > 0
-        item.record["mask_fallback"] = item.context["sampler"].is_fallback(written, item.context["mask_source"])
+        item.record["mask_fallback"] = item.context["sampler"].is_fallback(
+            written, item.context["mask_source"]
+        )
     return sum(item.record["mask_fallback"] for item in items)
