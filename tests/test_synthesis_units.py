@@ -652,3 +652,25 @@ def test_source_reads_gray_images_and_odd_masks_as_rgb_and_boolean(source, sourc
     assert np.array_equal(np.asarray(source.normal(11)), np.asarray(_normal(11)))
     (wood,) = source.generator_masks("wood", "hole")
     assert wood.shape == (SIDE, SIDE) and wood.sum() == 24  # a three-channel mask read as one
+
+
+def test_a_hub_reference_is_fingerprinted_by_the_commit_it_resolves_to(monkeypatch):
+    import huggingface_hub
+
+    from axf_pipeline.synthesis.fingerprint import dataset_fingerprint, model_fingerprint
+
+    def resolve(repo, repo_type, **kwargs):
+        return f"/cache/{repo_type}s--{repo.replace('/', '--')}/snapshots/{'1' * 40 if repo_type == 'model' else '2' * 40}"
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", resolve)
+    assert model_fingerprint("org/model") == f"hub:org/model@{'1' * 40}"
+    assert dataset_fingerprint("org/data") == f"hub:org/data@{'2' * 40}"
+
+    def offline(repo, repo_type, **kwargs):
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(SynthesisError, match=r"--lora org/lora: cannot resolve its Hub commit \(OSError\)"):
+        model_fingerprint("org/lora", "--lora")
+    with pytest.raises(SynthesisError, match=r"--dataset org/data: cannot resolve its Hub commit"):
+        dataset_fingerprint("org/data")
