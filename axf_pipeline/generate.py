@@ -7,8 +7,10 @@ every pair and every sample the command writes ``<stem>_<k>.png`` (the image) an
 
 A thin front-end over :mod:`axf_pipeline.synthesis.core` (the engine of ``axf synthesize`` too): every
 input is checked before anything is written; each file is written atomically; a rerun with the same
-settings resumes (finished samples are skipped), while a rerun with other settings or other inputs into
-the same folder is refused, so the folder never mixes two runs.
+settings, the same model weights and the same input files resumes (finished samples are skipped), while a
+rerun with other settings, or with weights or inputs changed since, into the same folder is refused, so the
+folder never mixes two runs. Sample k of image ``<stem>`` is seeded from ``(seed, stem, k)`` alone (the core's
+:func:`~axf_pipeline.synthesis.core.item_seed`), so adding or removing other images changes no sample.
 """
 
 from __future__ import annotations
@@ -38,18 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, type=Path, help="output folder (created)")
     parser.add_argument("--num-per-image", type=int, default=1, help="samples per image")
     parser.add_argument("--steps", type=int, default=50)
-    from .synthesis.core import add_guidance_arguments
+    from .synthesis.core import add_guidance_arguments, add_padding_mask_crop_argument
 
     add_guidance_arguments(parser)
     parser.add_argument("--strength", type=float, default=1.0)
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
-    parser.add_argument(
-        "--padding-mask-crop", type=int, default=None, help="generate a padded box around the mask"
-    )
+    add_padding_mask_crop_argument(parser)
     parser.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
     parser.add_argument(
-        "--seed", type=int, default=0, help="sample k of image i uses seed + i * num_per_image + k"
+        "--seed", type=int, default=0, help="sample k of image <stem> is seeded from (seed, stem, k) alone"
     )
     parser.add_argument("--device", default=None, help="default: accelerate's device (cuda if available)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
@@ -110,7 +110,7 @@ def _items(args: argparse.Namespace, pairs, sizes):
 
     from mvtec_caption.masks import binarize
 
-    from .synthesis.core import Item, Prepared
+    from .synthesis.core import Item, Prepared, item_seed
 
     reference = reference_mask = None
     if args.reference_image:
@@ -129,7 +129,7 @@ def _items(args: argparse.Namespace, pairs, sizes):
         return load
 
     n, items = args.num_per_image, []
-    for i, ((image, mask), size) in enumerate(zip(pairs, sizes, strict=True)):
+    for (image, mask), size in zip(pairs, sizes, strict=True):
         for k in range(n):
             name = f"{image.stem}_{k}"
             record = {
@@ -138,7 +138,7 @@ def _items(args: argparse.Namespace, pairs, sizes):
                 "prompt": args.prompt,
                 "source_image": str(image),
                 "source_mask": str(mask),
-                "seed": args.seed + i * n + k,
+                "seed": item_seed(args.seed, image.stem, k),
             }
             items.append(
                 Item(f"{name}.png", f"{name}_mask.png", record["seed"], size, prepare(image, mask), record)
@@ -146,11 +146,24 @@ def _items(args: argparse.Namespace, pairs, sizes):
     return items
 
 
-def _settings(args: argparse.Namespace) -> dict:
-    keys = ("model", "prompt", "negative_prompt", "reference_image", "reference_mask", "num_per_image",
-            "steps", "guidance_scale", "reference_guidance_scale", "strength", "height", "width", "padding_mask_crop", "batch_size",
-            "seed", "dtype", "lora")  # fmt: skip
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in ((k, getattr(args, k)) for k in keys)}
+def _settings(args: argparse.Namespace, pairs: list[tuple[Path, Path]]) -> dict:
+    """Everything that decides the output's bytes: the flags, and the model, LoRA, inputs and reference by
+    content (``"content"``: {flag: fingerprint}), never by path."""
+    from .synthesis.fingerprint import files_fingerprint, model_fingerprint
+
+    keys = ("prompt", "negative_prompt", "num_per_image", "steps", "guidance_scale", "reference_guidance_scale",
+            "strength", "height", "width", "padding_mask_crop", "batch_size", "seed", "dtype")  # fmt: skip
+    inputs = [(f"{i.stem}:image", i) for i, _ in pairs] + [(f"{i.stem}:mask", m) for i, m in pairs]
+    content = {"--model": model_fingerprint(args.model), "--images/--masks": files_fingerprint(inputs)}
+    if args.lora:
+        content["--lora"] = model_fingerprint(args.lora, "--lora")
+    for flag, path in (
+        ("--reference-image", args.reference_image),
+        ("--reference-mask", args.reference_mask),
+    ):
+        if path is not None:
+            content[flag] = files_fingerprint([("reference", path)])
+    return {k: getattr(args, k) for k in keys} | {"content": content}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -170,6 +183,7 @@ def _run(args: argparse.Namespace) -> int:
         atomic_write,
         check_model,
         check_output,
+        check_padding_mask_crop,
         claim_output,
         load_pipeline,
         run_items,
@@ -186,11 +200,12 @@ def _run(args: argparse.Namespace) -> int:
             raise SynthesisError(f"{flag} {path} does not exist")
     if args.reference_mask and not args.reference_image:
         raise SynthesisError("--reference-mask needs --reference-image")
+    check_padding_mask_crop(args.padding_mask_crop)
     pairs = pair_images_and_masks(args.images, args.masks)
     sizes = _check_pairs(pairs)
     check_model(args.model)
     items = _items(args, pairs, sizes)
-    settings = _settings(args) | {"inputs": [[str(i), str(m)] for i, m in pairs]}
+    settings = _settings(args, pairs)
     expected = {"metadata.jsonl"} | {p for item in items for p in (item.image_path, item.mask_path)}
     check_output(args.output, COMMAND, settings, expected)
     pipe = load_pipeline(args.model, args.dtype, args.device, args.lora)

@@ -24,6 +24,12 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+# The generation window when none is asked for: ``None`` is the window training crops show a defect in
+# (:func:`mask_crop_region`: native scale, shrunk only when the defect does not fit), so a defect is generated
+# at the scale the model learned. An int is diffusers' padded box instead. The one default of the pipeline's
+# ``padding_mask_crop``, of ``axf synthesize`` / ``axf generate --padding-mask-crop`` and of the demo.
+DEFAULT_PADDING_MASK_CROP: int | None = None
+
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 

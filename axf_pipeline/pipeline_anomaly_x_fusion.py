@@ -47,7 +47,6 @@ EXAMPLE_DOC_STRING = """
         ...     mask_image=Image.open("masks/000.png"),
         ...     reference_image=Image.open("test/scratch/003.png"),
         ...     reference_mask=Image.open("ground_truth/scratch/003_mask.png"),
-        ...     padding_mask_crop=32,
         ... )
         >>> out.images[0].save("synthetic.png"); out.masks[0].save("synthetic_mask.png")
         ```
@@ -676,7 +675,7 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
         reference_image_embeds: torch.Tensor | None = None,
         height: int | None = None,
         width: int | None = None,
-        padding_mask_crop: int | None = None,
+        padding_mask_crop: int | None = ip.DEFAULT_PADDING_MASK_CROP,
         strength: float = 1.0,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
@@ -720,10 +719,11 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
                 with one reference then run the ViT once.
             height, width: generation size (default: the UNet's native resolution). The result is
                 resized back to the generated region's size and composited.
-            padding_mask_crop: ``None`` (default): generate in the window training crops show a defect in,
-                so the defect and location mask have their training scale: an image larger than
-                ``height × width`` is cut around its mask at native detail (shrunk only if the defect does
-                not fit), an image of that size is used whole. An int: diffusers' rule instead, the box
+            padding_mask_crop: ``None`` (default: ``image_processing.DEFAULT_PADDING_MASK_CROP``, the one
+                default of ``axf synthesize``, ``axf generate`` and the demo too): generate in the window
+                training crops show a defect in, so the defect and location mask have their training scale:
+                an image larger than ``height × width`` is cut around its mask at native detail (shrunk only
+                if the defect does not fit), an image of that size is used whole. An int: diffusers' rule instead, the box
                 around the mask padded by this many pixels and widened to ``width/height``'s aspect ratio.
                 Either way the region is pasted back and the result equals the input outside the mask.
             strength: 1.0 starts from pure noise; lower values start from the noised image.

@@ -622,6 +622,67 @@ def test_a_large_image_is_generated_in_the_training_window_around_its_mask(pipe)
     assert np.array_equal(seen[0][0, 0].numpy() > 0, np.array(image_and_mask()[1]) > 0)
 
 
+def _extent(mask) -> int:
+    """Width of a mask's defect in its own pixels."""
+    xs = np.nonzero(np.asarray(mask).reshape(np.asarray(mask).shape[-2:]).any(axis=0))[0]
+    return int(xs.max() - xs.min() + 1)
+
+
+def test_the_one_default_generates_a_real_sized_defect_at_the_training_scale():
+    """A 1024 px image with a 60 px defect, a model trained at 256 px: by default (the pipeline's, and that of
+    `axf synthesize`, `axf generate` and the demo) the defect covers as many latent pixels per image pixel as
+    in a training crop; an explicit ``padding_mask_crop`` still generates diffusers' padded box instead."""
+    import argparse
+    import inspect
+
+    from axf_pipeline import generate
+    from axf_pipeline.demo import run as demo
+    from axf_pipeline.image_processing import DEFAULT_PADDING_MASK_CROP
+    from axf_pipeline.synthesis import cli as synthesize
+    from axf_pipeline.training.data import crop_around_mask
+
+    big = make_pipe(sample_size=256)
+    size, vae = 256, big.vae_scale_factor
+    image, mask = image_and_mask(1024, 1024, box=(500, 560, 300, 360))  # 60 x 60 px defect
+    _, train_mask, _ = crop_around_mask(image, mask, size, np.random.default_rng(0), jitter=0)
+    train_scale = _extent(train_mask) / 60 / vae  # latent pixels per image pixel in training
+    assert train_scale == 1 / vae  # the defect fits the window: native scale
+
+    def latent_scale(**kwargs):
+        out = big(
+            **inputs(image=image, mask_image=mask, num_inference_steps=1, output_type="latent", **kwargs)
+        )
+        assert out.images.shape[-2:] == (size // vae, size // vae)
+        return _extent(out.masks[0]) / 60
+
+    assert latent_scale() == pytest.approx(train_scale, abs=1 / 60)  # within one latent pixel
+    padded = latent_scale(padding_mask_crop=32)  # a 124 px box upscaled to 256: about twice the scale
+    assert padded == pytest.approx(size / (60 + 2 * 32) / vae, abs=1 / 60)
+    result = big(**inputs(image=image, mask_image=mask, num_inference_steps=1, padding_mask_crop=32,
+                          output_type="pil")).images[0]  # fmt: skip
+    m = np.asarray(mask) > 0
+    assert result.size == (1024, 1024) and not changed(np.asarray(result), np.asarray(image))[~m].any()
+
+    # one default everywhere: the pipeline's signature, both commands' flags, the demo's call
+    call = inspect.signature(AnomalyXFusionPipeline.__call__).parameters["padding_mask_crop"]
+    assert call.default is DEFAULT_PADDING_MASK_CROP is None
+    for module in (synthesize, generate):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        assert parser.get_default("padding_mask_crop") is DEFAULT_PADDING_MASK_CROP, module.__name__
+    seen = {}
+
+    def recording_pipe(**kwargs):
+        seen.update(kwargs)
+        return AnomalyXFusionPipelineOutput(images=kwargs["image"], masks=kwargs["mask_image"])
+
+    recording_pipe.set_progress_bar_config = lambda **kw: None
+    job = {"caption": "a scratch", "normal": np.asarray(image_and_mask()[0]), "mask": np.asarray(mask)[:32, :32],
+           "reference": None, "reference_mask": None}  # fmt: skip
+    demo.synthesise(recording_pipe, [job], 1, 1.0, 1, 0)
+    assert "padding_mask_crop" in seen and seen["padding_mask_crop"] is DEFAULT_PADDING_MASK_CROP
+
+
 # ---------------------------------------------------------------- prompts, text off, guidance
 def test_a_one_element_prompt_list_is_broadcast_like_a_string(pipe):
     (image, mask), (image2, mask2) = image_and_mask(), image_and_mask(seed=1, box=(2, 12, 4, 30))

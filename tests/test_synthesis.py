@@ -19,6 +19,10 @@ from cli_checks import assert_refused
 
 from axf_pipeline import AnomalyXFusionPipeline
 from axf_pipeline.cli import main
+from axf_pipeline.synthesis.core import plan_batches
+from axf_pipeline.synthesis.fingerprint import content_hash
+from axf_pipeline.synthesis.plan import plan_items, select
+from axf_pipeline.synthesis.source import SourceData
 from axf_pipeline.tiny import build_tiny_components, stable_diffusion_pipeline
 from mvtec_caption import export_dataset, make_sample_tree
 
@@ -89,15 +93,17 @@ def test_output_is_a_dataset_with_provenance_that_loads_in_a_fresh_process(setup
     assert loaded["n"] == 4 * N  # bottle x2 types, grid x2 types
     assert set(loaded["columns"]) >= {
         "image", "mask", "caption", "category", "defect_type", "is_anomaly",
-        "source_image", "reference", "mask_source", "seed", "model",
+        "source_image", "reference", "mask_source", "seed", "model", "mask_fallback",
     }  # fmt: skip
+    model_name = f"model@sha256:{content_hash(setup / 'model')[:12]}"  # no local path in provenance
     source = datasets.load_dataset(str(setup / "export"), "ad")
     test = source["test"].select_columns(["path", "fold", "caption", "defect_type"]).to_list()
     generator = {r["path"]: r for r in test if r["fold"] == "generator"}
     evaluation = {r["path"] for r in test if r["fold"] == "evaluation"}
     train_paths = source["train"]["path"]
     for row in loaded["rows"]:
-        assert row["is_anomaly"] and row["image_mode"] == "RGB" and row["model"] == str(setup / "model")
+        assert row["is_anomaly"] and row["image_mode"] == "RGB" and row["model"] == model_name
+        assert isinstance(row["mask_fallback"], bool)
         # the mask in the dataset is exactly the one on disk, binary and not empty
         on_disk = np.asarray(
             PIL.Image.open(
@@ -282,6 +288,8 @@ def test_bad_inputs_are_refused_naming_the_thing(setup, tmp_path):
     refused([*base, "--categories", "bottel"], ["bottel", "bottle, grid"])
     refused([*base, "--defect-types", "dent"], ["dent", "bent, broken, broken_large, contamination"])
     refused(with_("--config", "loco"), "loco")
+    refused([*base, "--texture-categories", "bottel"], ["--texture-categories", "bottel"])
+    refused([*base, "--padding-mask-crop", "-1"], "--padding-mask-crop")
 
     no_fold = _save_to_disk(
         setup, "no_fold", lambda d: datasets.DatasetDict({s: d[s].remove_columns("fold") for s in d})
@@ -329,13 +337,24 @@ def test_help_lists_every_flag_with_its_default(capsys):
     text = " ".join(proc.out.split())
     for flag in ("--model", "--dataset", "--config", "--num-per-defect-type", "--output", "--categories",
                  "--defect-types", "--seed", "--steps", "--guidance-scale", "--padding-mask-crop",
-                 "--batch-size", "--dtype", "--prompt", "--no-reference"):  # fmt: skip
+                 "--batch-size", "--dtype", "--prompt", "--no-reference", "--texture-categories"):  # fmt: skip
         assert flag in text
     assert "denoising steps (default: 50)" in text and "pipeline call (default: 8)" in text
     assert "accelerate launch -m axf_pipeline.synthesize" in text
 
 
-def test_an_item_depends_on_its_own_seed_not_on_what_else_is_made(setup, reference, tmp_path):
+def test_an_item_made_in_the_same_batch_is_the_same_bytes_whatever_else_is_made(setup, reference, tmp_path):
+    """What holds: an item's bytes follow from its seed and the batch it is generated in (batched floating
+    point). Made for a subset of categories in the same batches, it is the same bytes; in another batch
+    composition (another --batch-size, or other items of its image size) its last bits may differ, which
+    --batch-size 1 rules out (tests/test_synthesis_generate.py)."""
+    source = SourceData(str(setup / "export"), "ad")
+
+    def batches(categories):
+        items = plan_items(source, select(source, categories, None), N, 0)
+        return {tuple(items[i].image_path for i in batch) for batch in plan_batches(items, 2)}
+
+    assert batches(["grid"]) <= batches(None)  # the premise: grid-only batches are batches of the full run
     out = tmp_path / "grid_only"
     assert main(["synthesize", *argv(setup, out, "--categories", "grid")]) == 0
     grid = {k: v for k, v in item_files(reference).items() if k.startswith("mvtec/grid/")}
@@ -344,3 +363,37 @@ def test_an_item_depends_on_its_own_seed_not_on_what_else_is_made(setup, referen
     assert main(["synthesize", *argv(setup, other, "--categories", "grid", "--seed", "1")]) == 0
     changed = [k for k, v in item_files(other).items() if v != grid[k]]
     assert len(changed) == len(grid)
+
+
+def test_resume_follows_the_contents_of_model_and_dataset_not_their_paths(setup, reference, tmp_path, capsys):
+    """A moved copy of the same model and data resumes; weights retrained in place or rows rebuilt under the
+    same folder are refused in one line naming what changed, before anything is written."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    model, data = tmp_path / "model", tmp_path / "export"
+    shutil.copytree(setup / "model", model)
+    shutil.copytree(setup / "export", data)
+    moved = [*argv(setup, reference)]
+    moved[moved.index("--model") + 1], moved[moved.index("--dataset") + 1] = str(model), str(data)
+    capsys.readouterr()
+    assert main(["synthesize", *moved]) == 0
+    assert f"made 0, skipped {4 * N}" in capsys.readouterr().out
+    assert str(setup) not in (reference / ".axf-synthesis.json").read_text()  # the record names no path
+
+    shard = sorted(p for p in data.rglob("*.parquet") if "test" in p.name)[0]
+    original = shard.read_bytes()
+    table = pq.read_table(shard)
+    captions = table.column("caption").to_pylist()
+    captions[0] = captions[0] + " (recaptioned)"
+    pq.write_table(table.set_column(table.schema.get_field_index("caption"), "caption", [captions]), shard)
+    assert_refused(
+        main, ["synthesize", *moved], [str(reference), "content of --dataset changed"], [reference]
+    )
+    shard.write_bytes(original)
+
+    weights = next((model / "unet").glob("*.safetensors"))
+    raw = weights.read_bytes()
+    weights.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
+    assert_refused(main, ["synthesize", *moved], [str(reference), "content of --model changed"], [reference])

@@ -11,6 +11,7 @@ from cli_checks import assert_refused, snapshot
 
 from axf_pipeline import AnomalyXFusionPipeline
 from axf_pipeline.cli import main
+from axf_pipeline.synthesis.core import item_seed
 from axf_pipeline.tiny import build_tiny_components, stable_diffusion_pipeline
 
 
@@ -54,7 +55,7 @@ def test_generate_writes_pairs_resumes_and_refuses_a_changed_rerun(model, tmp_pa
     assert main(_argv(model, images, masks, out)) == 0
     records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     assert [r["file_name"] for r in records] == [f"{i:03d}_{k}.png" for i in range(3) for k in range(2)]
-    assert [r["seed"] for r in records] == list(range(6))
+    assert [r["seed"] for r in records] == [item_seed(0, f"{i:03d}", k) for i in range(3) for k in range(2)]
     for r in records:
         source = np.array(PIL.Image.open(r["source_image"]).convert("RGB"))
         result = np.array(PIL.Image.open(out / r["file_name"]))
@@ -126,3 +127,38 @@ def test_same_sized_images_share_one_pipeline_call(model, tmp_path, monkeypatch)
     assert main(_argv(model, images, masks, tmp_path / "out")) == 0
     # 000 and 002 are 32x32 (4 samples: batches of 3 + 1), 001 is 40x24 (2 samples: one batch)
     assert calls == [[(32, 32), 3], [(40, 24), 2], [(32, 32), 1]]
+
+
+def test_a_sample_depends_on_its_image_seed_and_k_not_on_the_other_images(model, tmp_path):
+    """With one item per pipeline call, removing other images changes no sample's bytes (per-item seeds
+    from (seed, stem, k), not positions); within a batch, results also depend on its composition."""
+    images, masks = _inputs(tmp_path / "all", n=3)
+    assert main(_argv(model, images, masks, tmp_path / "out_all", "--batch-size", "1")) == 0
+    for stem in ("000", "001"):
+        (images / f"{stem}.png").unlink()
+        (masks / f"{stem}_mask.png").unlink()
+    assert main(_argv(model, images, masks, tmp_path / "out_one", "--batch-size", "1")) == 0
+    for name in ("002_0.png", "002_1.png", "002_0_mask.png"):
+        assert (tmp_path / "out_one" / name).read_bytes() == (tmp_path / "out_all" / name).read_bytes(), name
+
+
+def test_resume_refuses_changed_weights_or_inputs_naming_them(model, tmp_path, capsys):
+    """Contents, not paths: a moved copy of the same model resumes; weights retrained in place, or an input
+    picture replaced under the same name, are refused in one line naming what changed."""
+    import shutil
+
+    copy = tmp_path / "moved_model"
+    shutil.copytree(model, copy)
+    images, masks = _inputs(tmp_path, n=1)
+    out = tmp_path / "out"
+    assert main(_argv(model, images, masks, out)) == 0
+    assert str(tmp_path) not in (out / ".axf-synthesis.json").read_text()  # the record names no path
+    capsys.readouterr()
+    assert main(_argv(copy, images, masks, out)) == 0
+    assert "made 0, skipped 2" in capsys.readouterr().out
+    weights = next((copy / "unet").glob("*.safetensors"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # retrained in place
+    assert_refused(main, _argv(copy, images, masks, out), [str(out), "content of --model changed"], [out])
+    _pair(9)[0].save(images / "000.png")  # another picture under the same name
+    assert_refused(main, _argv(model, images, masks, out), ["content of --images/--masks changed"], [out])

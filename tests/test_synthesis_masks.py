@@ -90,7 +90,16 @@ def test_cut_off_limit_and_fallback():
     big[:, :] = True  # a mask covering everything cannot move: every draw is cut off, the fallback holds
     sampler = MaskSampler([big], max_tries=3)
     mask, _ = sampler.sample(np.random.default_rng(0), (H, W), None)
-    assert mask.all()
+    assert mask.all() and sampler.is_fallback(mask, 0)
+
+
+def test_is_fallback_tells_the_real_mask_resized_from_a_new_shape():
+    sampler = MaskSampler(real_masks(), max_tries=0)  # every sample falls back
+    for source in (0, 1):  # mask 1 is twice the canvas: its fallback is resized
+        mask, _ = sampler.sample(np.random.default_rng(0), (H, W), None, source)
+        assert sampler.is_fallback(mask, source) and not sampler.is_fallback(mask, 1 - source)
+    drawn, source = MaskSampler(real_masks()).sample(np.random.default_rng(1), (H, W), None)
+    assert drawn.any() and not sampler.is_fallback(drawn, source)
     with pytest.raises(ValueError, match="real mask 0 is empty"):
         MaskSampler([np.zeros((4, 4), bool)])
 

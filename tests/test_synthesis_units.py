@@ -33,7 +33,9 @@ from axf_pipeline.synthesis.core import (
     report_input_error,
     run_items,
 )
-from axf_pipeline.synthesis.plan import digits, plan_items, select
+from axf_pipeline.synthesis.fingerprint import content_hash, files_fingerprint, publishable_name
+from axf_pipeline.synthesis.masks import TEXTURE_CATEGORIES
+from axf_pipeline.synthesis.plan import digits, mark_fallbacks, plan_items, select, texture_categories_of
 from axf_pipeline.synthesis.source import SourceData
 
 # ------------------------------------------------------------------ a tiny source dataset
@@ -366,6 +368,53 @@ def test_output_folder_is_claimed_resumed_or_refused(tmp_path):
         check_output(tmp_path / "file", "axf synthesize", settings, [])
 
 
+def test_resume_is_by_content_and_a_change_names_what_changed(tmp_path):
+    out = tmp_path / "out"
+    made = {"seed": 0, "content": {"--model": "sha256:" + "a" * 64, "--dataset": "sha256:" + "b" * 64}}
+    claim_output(out, "axf synthesize", made)
+    assert "/" not in (out / MARKER).read_text()  # no path in the record, contents only
+    check_output(out, "axf synthesize", json.loads(json.dumps(made)), [])  # same contents: resumes
+    retrained = {**made, "content": {**made["content"], "--model": "sha256:" + "c" * 64}}
+    with pytest.raises(SynthesisError) as err:
+        check_output(out, "axf synthesize", retrained, [])
+    assert str(err.value) == (
+        f"Refusing to resume {out}: the content of --model changed since it was made "
+        "(sha256:aaaaaaaaaaaa then, sha256:cccccccccccc now); rerun with the same --model or choose another --output"
+    )
+    claim_output(out, "axf synthesize", {"seed": 0, "content": {"--model": made["content"]["--model"]}})
+    with pytest.raises(SynthesisError, match=r"content of --dataset changed .*\(none recorded then"):
+        check_output(out, "axf synthesize", made, [])
+
+
+def test_content_hash_follows_the_weights_not_the_path(tmp_path):
+    model = tmp_path / "model"
+    for name in ("unet", "vae", "checkpoint-5"):
+        (model / name).mkdir(parents=True)
+        (model / name / "weights.safetensors").write_bytes(name.encode())
+    (model / "model_index.json").write_text(
+        json.dumps({"unet": ["diffusers", "U"], "vae": ["diffusers", "V"]})
+    )
+    first = content_hash(model)
+    (model / "README.md").write_text("a card")  # neither the card, nor a checkpoint beside the pipeline,
+    (model / "checkpoint-5" / "weights.safetensors").write_bytes(b"other")  # nor a hidden file counts
+    (model / "unet" / ".cache").write_text("x")
+    assert content_hash(model) == first
+    import shutil
+
+    shutil.copytree(model, tmp_path / "moved" / "model")
+    assert content_hash(tmp_path / "moved" / "model") == first  # the same bytes elsewhere: the same hash
+    (model / "unet" / "weights.safetensors").write_bytes(b"retrained")  # retrained in place
+    assert content_hash(model) != first
+    name = publishable_name(model)
+    assert name == f"model@sha256:{content_hash(model)[:12]}" and str(tmp_path) not in name
+    assert publishable_name("org/model") == "org/model"  # a Hub id as typed
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    a.write_bytes(b"1")
+    b.write_bytes(b"2")
+    assert files_fingerprint([("x", a)]) != files_fingerprint([("x", b)])
+    assert files_fingerprint([("x", a)]) != files_fingerprint([("y", a)])
+
+
 # ------------------------------------------------------------------ plan
 def test_digits_widen_past_three_only_when_needed():
     assert [digits(n) for n in (0, 1, 1000, 1001, 10001)] == [3, 3, 3, 4, 5]
@@ -421,9 +470,10 @@ def test_plan_reads_train_normals_and_generator_fold_only(source):
         assert item.mask_path == item.image_path.replace("/test/", "/ground_truth/").replace(
             ".png", "_mask.png"
         )
-        assert item.size == (SIDE, SIDE) and item.context == {
-            "base": int(r["source_image"][-7:-4]) + (6 if r["category"] == "grid" else 0)
-        }
+        assert item.size == (SIDE, SIDE)
+        assert item.context["base"] == int(r["source_image"][-7:-4]) + (6 if r["category"] == "grid" else 0)
+        assert source.path("test", source.generator[(r["category"], r["defect_type"])][
+            item.context["mask_source"]]) == r["mask_source"]  # fmt: skip
     # draws vary over items: several normals, masks, captions and references are used
     for key in ("source_image", "mask_source", "caption", "reference"):
         assert len({i.record[key] for i in items[:12]}) >= 2, key
@@ -519,25 +569,63 @@ def test_source_refuses_what_it_cannot_use(source_dir, tmp_path):
         empty.generator_masks("bottle", "crack")
 
 
+def _centres(source, pairs, n, **plan_kwargs):
+    """Centres of the transformed masks of a plan (the real-mask fallback keeps its own place: left out)."""
+    out = []
+    reals = [r for c, d in pairs for r in source.generator_masks(c, d)]
+    for item in plan_items(source, pairs, n, seed=0, **plan_kwargs):
+        mask = np.asarray(item.prepare().mask) > 0
+        if any(np.array_equal(mask, r) for r in reals):
+            continue  # the fallback
+        ys, xs = np.nonzero(mask)
+        out.append(((ys.min() + ys.max()) // 2, (xs.min() + xs.max()) // 2))
+    return out
+
+
+def _on_object(centres) -> bool:
+    return all(5 <= y <= 18 and 5 <= x <= 18 for y, x in centres)
+
+
+def _off_object(centres) -> int:
+    return sum(not (6 <= y < 18 and 6 <= x < 18) for y, x in centres)
+
+
 def test_prepared_masks_sit_on_the_object_for_objects_anywhere_for_textures(source):
     """bottle is an object: its masks are centred on the object (the bright square 6:18); grid is a texture,
-    so its transformed masks (not the real-mask fallback, which keeps its own place) also land off it."""
+    so its transformed masks also land off it."""
+    bottle = _centres(source, [("bottle", "crack")], 10)
+    assert len(bottle) >= 5 and _on_object(bottle)
+    grid = _centres(source, [("grid", "bent")], 20)
+    assert len(grid) >= 5 and _off_object(grid) >= 2, grid
 
-    def centres(pairs, n):
-        out = []
-        reals = [r for c, d in pairs for r in source.generator_masks(c, d)]
-        for item in plan_items(source, pairs, n, seed=0):
-            mask = np.asarray(item.prepare().mask) > 0
-            if any(np.array_equal(mask, r) for r in reals):
-                continue  # the fallback
-            ys, xs = np.nonzero(mask)
-            out.append(((ys.min() + ys.max()) // 2, (xs.min() + xs.max()) // 2))
-        return out
 
-    bottle = centres([("bottle", "crack")], 10)
-    assert len(bottle) >= 5 and all(5 <= y <= 18 and 5 <= x <= 18 for y, x in bottle)
-    grid = centres([("grid", "bent")], 20)
-    assert len(grid) >= 5 and sum(not (6 <= y < 18 and 6 <= x < 18) for y, x in grid) >= 2, grid
+def test_texture_categories_name_a_datasets_own_textures(source):
+    """``--texture-categories``: bottle named a texture gets masks off the object; grid left out is an object."""
+    bottle = _centres(source, [("bottle", "crack")], 20, texture_categories=frozenset({"bottle"}))
+    assert len(bottle) >= 5 and _off_object(bottle) >= 2, bottle
+    grid = _centres(source, [("grid", "bent")], 10, texture_categories=frozenset())
+    assert len(grid) >= 5 and _on_object(grid), grid
+    assert texture_categories_of(source, None) == TEXTURE_CATEGORIES  # MVTec AD's, by default
+    assert texture_categories_of(source, []) == frozenset()  # the flag alone: no textures
+    assert texture_categories_of(source, ["bottle"]) == {"bottle"}
+    with pytest.raises(SynthesisError, match=r"--texture-categories: bottel not in .*bottle, cable, grid"):
+        texture_categories_of(source, ["bottle", "bottel"])
+
+
+def test_fallback_masks_are_marked_from_the_mask_on_disk(source, tmp_path):
+    """A written mask equal to its real mask (resized: here all are 24 px) is the sampler's fallback."""
+    items = plan_items(source, [("bottle", "broken")], 4, seed=0)
+    reals = source.generator_masks("bottle", "broken")
+    for k, item in enumerate(items):
+        real = reals[item.context["mask_source"]]
+        drawn = np.asarray(item.prepare().mask) > 0
+        if k % 2 == 1:
+            assert not np.array_equal(drawn, real)  # a transformed draw
+        mask = real if k % 2 == 0 else drawn  # even items: as if every draw had been rejected
+        (tmp_path / item.mask_path).parent.mkdir(parents=True, exist_ok=True)
+        PIL.Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(tmp_path / item.mask_path)
+    assert mark_fallbacks(tmp_path, items) == 2
+    assert [i.record["mask_fallback"] for i in items] == [True, False, True, False]
 
 
 def test_prepared_mask_transforms_the_recorded_real_mask(source):
@@ -564,3 +652,25 @@ def test_source_reads_gray_images_and_odd_masks_as_rgb_and_boolean(source, sourc
     assert np.array_equal(np.asarray(source.normal(11)), np.asarray(_normal(11)))
     (wood,) = source.generator_masks("wood", "hole")
     assert wood.shape == (SIDE, SIDE) and wood.sum() == 24  # a three-channel mask read as one
+
+
+def test_a_hub_reference_is_fingerprinted_by_the_commit_it_resolves_to(monkeypatch):
+    import huggingface_hub
+
+    from axf_pipeline.synthesis.fingerprint import dataset_fingerprint, model_fingerprint
+
+    def resolve(repo, repo_type, **kwargs):
+        return f"/cache/{repo_type}s--{repo.replace('/', '--')}/snapshots/{'1' * 40 if repo_type == 'model' else '2' * 40}"
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", resolve)
+    assert model_fingerprint("org/model") == f"hub:org/model@{'1' * 40}"
+    assert dataset_fingerprint("org/data") == f"hub:org/data@{'2' * 40}"
+
+    def offline(repo, repo_type, **kwargs):
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(SynthesisError, match=r"--lora org/lora: cannot resolve its Hub commit \(OSError\)"):
+        model_fingerprint("org/lora", "--lora")
+    with pytest.raises(SynthesisError, match=r"--dataset org/data: cannot resolve its Hub commit"):
+        dataset_fingerprint("org/data")

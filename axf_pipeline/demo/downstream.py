@@ -72,6 +72,7 @@ def synthesise_anomalies(
 ):
     """N anomalies per defect type with ``axf synthesize``'s planning and core; returns evaluation Samples."""
     from ..evaluation.data import Sample
+    from ..image_processing import DEFAULT_PADDING_MASK_CROP
     from ..synthesis.core import run_items
     from ..synthesis.plan import plan_items, select
     from ..synthesis.source import SourceData
@@ -82,6 +83,7 @@ def synthesise_anomalies(
         "num_inference_steps": steps,
         "guidance_scale": guidance,
         "reference_guidance_scale": reference_guidance,
+        "padding_mask_crop": DEFAULT_PADDING_MASK_CROP,  # as `axf synthesize` by default
     }
     run_items(pipe, items, out, batch, call)
     return [

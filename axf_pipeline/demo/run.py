@@ -246,6 +246,8 @@ def synthesise(
 ) -> None:
     from tqdm.auto import tqdm
 
+    from ..image_processing import DEFAULT_PADDING_MASK_CROP
+
     pipe.set_progress_bar_config(disable=True)
     for start in tqdm(range(0, len(jobs), batch), desc="synthesis"):
         chunk = jobs[start : start + batch]
@@ -258,6 +260,7 @@ def synthesise(
             num_inference_steps=steps,
             guidance_scale=guidance,
             reference_guidance_scale=reference_guidance,
+            padding_mask_crop=DEFAULT_PADDING_MASK_CROP,  # the one default of the pipeline and the commands
             generator=torch.Generator().manual_seed(seed + start),
         )
         for job, image in zip(chunk, out.images, strict=True):

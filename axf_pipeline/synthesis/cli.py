@@ -6,7 +6,8 @@
 
 Only the generator fold and the train normals of the source are read. OUT receives a Parquet dataset with
 a card (``load_dataset("OUT")``), an MVTec-layout folder ``OUT/mvtec`` and previews. A rerun with the same
-flags resumes; with other flags (or into a folder of other files) it is refused.
+flags, the same model weights and the same data resumes; with other flags, weights or data changed since (or
+into a folder of other files) it is refused.
 """
 
 from __future__ import annotations
@@ -51,15 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="item k of (category, type) is seeded from (seed, category, type, k)",
     )
     parser.add_argument("--steps", type=int, default=50, help="denoising steps")
-    from .core import add_guidance_arguments
+    from .core import add_guidance_arguments, add_padding_mask_crop_argument
 
     add_guidance_arguments(parser)
-    parser.add_argument(
-        "--padding-mask-crop",
-        type=int,
-        default=32,
-        help="generate a padded box around the mask; -1: the pipeline's default, the training crop window",
-    )
+    add_padding_mask_crop_argument(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="same-sized images per pipeline call")
     parser.add_argument(
         "--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="weights and compute"
@@ -70,14 +66,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="one caption for every item; None: the type's generator-fold captions",
     )
     parser.add_argument("--no-reference", action="store_true", help="no reference defect (texture) condition")
+    parser.add_argument(
+        "--texture-categories",
+        nargs="*",
+        default=None,
+        metavar="CATEGORY",
+        help="categories whose new masks may go anywhere (textures); every other category places them on the "
+        "object. None: MVTec AD's carpet, grid, leather, tile, wood; the flag alone: no textures",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def settings_of(args: argparse.Namespace, categories: list[str], defect_types: list[str]) -> dict:
-    """Everything that decides the output's bytes (a resume must match it)."""
+def settings_of(
+    args: argparse.Namespace,
+    categories: list[str],
+    defect_types: list[str],
+    content: dict | None = None,
+    textures: frozenset[str] = frozenset(),
+) -> dict:
+    """Everything that decides the output's bytes (a resume must match it): the model and the data by
+    ``content`` ({flag: fingerprint}), never by path."""
     return {
-        "model": args.model,
-        "dataset": args.dataset,
+        "content": content or {},
         "config": args.config,
         "categories": categories,
         "defect_types": defect_types,
@@ -91,6 +101,7 @@ def settings_of(args: argparse.Namespace, categories: list[str], defect_types: l
         "dtype": args.dtype,
         "prompt": args.prompt,
         "reference": not args.no_reference,
+        "texture_categories": sorted(textures & set(categories)),
     }
 
 
@@ -110,12 +121,14 @@ def _run(args: argparse.Namespace, pipe=None) -> int:
         SynthesisError,
         check_model,
         check_output,
+        check_padding_mask_crop,
         claim_output,
         load_pipeline,
         process_state,
         run_items,
     )
-    from .plan import plan_items, select
+    from .fingerprint import dataset_fingerprint, model_fingerprint, publishable_name
+    from .plan import mark_fallbacks, plan_items, select, texture_categories_of
     from .source import SourceData
 
     # 1. Check every input before anything is written (every process, same answer)
@@ -123,14 +136,18 @@ def _run(args: argparse.Namespace, pipe=None) -> int:
                         ("--steps", args.steps)):  # fmt: skip
         if value < 1:
             raise SynthesisError(f"{flag} must be at least 1, got {value}")
+    check_padding_mask_crop(args.padding_mask_crop)
     check_model(args.model)
     source = SourceData(args.dataset, args.config)
     pairs = select(source, args.categories, args.defect_types)
+    textures = texture_categories_of(source, args.texture_categories)
     categories = sorted({c for c, _ in pairs})
-    settings = settings_of(args, categories, sorted({d for _, d in pairs}))
+    content = {"--model": model_fingerprint(args.model), "--dataset": dataset_fingerprint(args.dataset)}
+    settings = settings_of(args, categories, sorted({d for _, d in pairs}), content, textures)
     items = plan_items(
-        source, pairs, args.num_per_defect_type, args.seed, args.prompt, not args.no_reference, args.model
-    )
+        source, pairs, args.num_per_defect_type, args.seed, args.prompt, not args.no_reference,
+        publishable_name(args.model), textures,
+    )  # fmt: skip
     check_output(args.output, COMMAND, settings, export.expected_files(source, items, pairs))
     pipe = load_pipeline(args.model, args.dtype) if pipe is None else pipe
     if not args.no_reference and pipe.image_encoder is None:
@@ -143,11 +160,10 @@ def _run(args: argparse.Namespace, pipe=None) -> int:
     if state.is_main_process:
         claim_output(args.output, COMMAND, settings)
     state.wait_for_everyone()
-    padding = None if args.padding_mask_crop < 0 else args.padding_mask_crop
     summary = run_items(
         pipe, items, args.output, args.batch_size,
         dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-             reference_guidance_scale=args.reference_guidance_scale, padding_mask_crop=padding),
+             reference_guidance_scale=args.reference_guidance_scale, padding_mask_crop=args.padding_mask_crop),
         desc=COMMAND, progress=not args.no_progress, state=state,
     )  # fmt: skip
     state.wait_for_everyone()
@@ -157,11 +173,20 @@ def _run(args: argparse.Namespace, pipe=None) -> int:
         missing = [item.image_path for item in items if not (args.output / item.image_path).is_file()]
         if missing:
             raise SynthesisError(f"{len(missing)} items are missing after synthesis, e.g. {missing[0]}")
+        fallbacks = mark_fallbacks(args.output, items)
         export.write_normals(args.output, source, categories)
         export.write_parquet(args.output, items)
         export.write_previews(args.output, source, items)
-        export.write_card(args.output, items, settings, {"made": summary.made, "skipped": summary.skipped})
+        card_settings = {"model": args.model, "dataset": args.dataset, **settings}
+        export.write_card(
+            args.output, items, card_settings, {"made": summary.made, "skipped": summary.skipped}
+        )
         print(summary.line(COMMAND))
+        if fallbacks:
+            print(
+                f"{COMMAND}: {fallbacks} of {len(items)} masks are a real mask resized (no transformed draw "
+                "passed the sampler's limits); the mask_fallback column marks them"
+            )
         print(
             f'wrote {len(items)} anomalies to {args.output}: load_dataset("{args.output}"), {args.output / "mvtec"}'
         )

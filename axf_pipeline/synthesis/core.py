@@ -11,8 +11,10 @@ A front-end turns its input into :class:`Item` s (where the result goes, its see
 4. writes each mask, then its image, to a temporary name and renames it into place, so a killed run
    leaves finished items or nothing, never a half-written file under a final name.
 
-Output folders are claimed with a marker file holding the settings; a rerun with the same settings
-resumes, anything else (other settings, files this command would not write) is refused.
+Output folders are claimed with a marker file holding the settings, which name no path: the model, the
+data and the inputs are recorded by content (``settings["content"]``: {flag: fingerprint}, see
+:mod:`.fingerprint`). A rerun with the same settings and contents resumes; anything else (other settings,
+weights or data changed in place, files this command would not write) is refused.
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ __all__ = [
     "Summary",
     "SynthesisError",
     "atomic_write",
+    "add_guidance_arguments",
+    "add_padding_mask_crop_argument",
     "check_output",
+    "check_padding_mask_crop",
     "claim_output",
     "is_finished",
     "check_model",
@@ -206,6 +211,14 @@ def check_output(output: Path, command: str, settings: dict, expected: Iterable[
             f"Refusing to write into {output}: it was written by `{recorded.get('command')}`, not `{command}`"
         )
     old = recorded.get("settings", {})
+    then, now = old.get("content") or {}, settings.get("content") or {}
+    for what in sorted(set(then) | set(now)):
+        if then.get(what) != now.get(what):
+            raise SynthesisError(
+                f"Refusing to resume {output}: the content of {what} changed since it was made "
+                f"({_short(then.get(what))} then, {_short(now.get(what))} now); rerun with the same "
+                f"{what} or choose another --output"
+            )
     if changed := sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k)):
         name = changed[0]
         raise SynthesisError(
@@ -220,6 +233,13 @@ def check_output(output: Path, command: str, settings: dict, expected: Iterable[
                 f"Refusing to write into {output}: it holds {rel}, which this run would not write "
                 "(an earlier run with other inputs, or a file of yours); choose another --output"
             )
+
+
+def _short(fingerprint: str | None) -> str:
+    if fingerprint is None:
+        return "none recorded"
+    kind, _, value = fingerprint.partition(":")
+    return f"{kind}:{value[:12]}" if kind == "sha256" else fingerprint
 
 
 def claim_output(output: Path, command: str, settings: dict) -> None:
@@ -299,6 +319,26 @@ def run_items(
         gather_object([(made, skipped, seconds)]) if state.num_processes > 1 else [(made, skipped, seconds)]
     )
     return Summary(sum(c[0] for c in counts), sum(c[1] for c in counts), max(c[2] for c in counts))
+
+
+def add_padding_mask_crop_argument(parser) -> None:
+    """``--padding-mask-crop``, the same for ``axf synthesize`` and ``axf generate``: by default the pipeline's
+    own (:data:`~axf_pipeline.image_processing.DEFAULT_PADDING_MASK_CROP`, the training scale)."""
+    from ..image_processing import DEFAULT_PADDING_MASK_CROP
+
+    parser.add_argument(
+        "--padding-mask-crop",
+        type=int,
+        default=DEFAULT_PADDING_MASK_CROP,
+        metavar="N",
+        help="generate diffusers' box around the mask padded by N pixels, resized to the model's size; "
+        "default (None): the window training crops show a defect in, at native scale (the training scale)",
+    )
+
+
+def check_padding_mask_crop(value: int | None) -> None:
+    if value is not None and value < 0:
+        raise SynthesisError(f"--padding-mask-crop must be at least 0 (or left out), got {value}")
 
 
 def add_guidance_arguments(parser) -> None:

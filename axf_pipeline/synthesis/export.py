@@ -44,6 +44,7 @@ def features():
             **provenance,
             "seed": datasets.Value("int64"),
             "model": datasets.Value("string"),
+            "mask_fallback": datasets.Value("bool"),
         }
     )
 

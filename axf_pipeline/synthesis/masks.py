@@ -10,7 +10,8 @@ A sample is one real mask of the defect type, cropped to its bounding box, then
 3. accepted only if it is not empty, at most ``max_cut_off`` (default 10 %) of it falls outside the image,
    and its area (as a fraction of the image) lies within ``[min / (1 + area_margin), max * (1 + area_margin)]``
    of the real masks' areas (default margin 50 %). After ``max_tries`` rejections the untransformed real
-   mask is placed at its own position, which always passes.
+   mask is placed at its own position, which always passes (:meth:`MaskSampler.is_fallback` tells such a
+   mask; `axf synthesize` marks it in its ``mask_fallback`` column).
 
 Foreground rule (object categories): the background colour is the per-channel median of a frame of
 ``border`` (default 4 %) of the image's side; a pixel is foreground when any channel differs from it by
@@ -31,7 +32,8 @@ import numpy as np
 
 __all__ = ["MaskSampler", "TEXTURE_CATEGORIES", "contact_sheet", "estimate_foreground"]
 
-# MVTec AD's texture categories: defects may go anywhere. Every other category is an object.
+# MVTec AD's texture categories: defects may go anywhere. Every other category is an object. The default of
+# `axf synthesize --texture-categories`, which names a dataset's own.
 TEXTURE_CATEGORIES = frozenset({"carpet", "grid", "leather", "tile", "wood"})
 SCALE_RANGE = (0.75, 1.25)
 ELASTIC = 0.06  # largest elastic displacement, as a fraction of the transformed mask's extent
@@ -215,6 +217,12 @@ class MaskSampler:
         mask = np.zeros((h, w), dtype=bool)
         mask[y0 + ys0 : y0 + ys1, x0 + xs0 : x0 + xs1] = kept
         return mask
+
+    def is_fallback(self, mask: np.ndarray, source: int) -> bool:
+        """Whether ``mask`` is the fallback of real mask ``source`` (that mask resized, not a new shape):
+        provenance marks such items, since they repeat a real defect's shape and place."""
+        mask = np.asarray(mask) > 0
+        return bool(np.array_equal(mask, self._fallback(source, *mask.shape)))
 
     def _fallback(self, source: int, h: int, w: int) -> np.ndarray:
         """The real mask resized (nearest) to the canvas: always inside, never empty, area in range."""

@@ -8,7 +8,8 @@ the diffusion noise.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -65,15 +66,17 @@ def plan_items(
     prompt: str | None = None,
     reference: bool = True,
     model: str = "",
+    texture_categories: Collection[str] = TEXTURE_CATEGORIES,
 ) -> list[Item]:
-    """The items of every pair, in (category, defect type, k) order."""
+    """The items of every pair, in (category, defect type, k) order. ``model``: the name provenance gives the
+    model (never a local path); ``texture_categories``: categories whose masks go anywhere, not on the object."""
     if n < 1:
         raise SynthesisError(f"--num-per-defect-type must be at least 1, got {n}")
     width = digits(n)
     items = []
     for category, defect in pairs:
         sampler = MaskSampler(
-            source.generator_masks(category, defect), texture=category in TEXTURE_CATEGORIES
+            source.generator_masks(category, defect), texture=category in texture_categories
         )
         bases = source.bases_and_held_out(category)[0]
         generator = source.generator[(category, defect)]
@@ -105,7 +108,7 @@ def plan_items(
                     prepare=_preparer(source, sampler, base, mask_source, reference_row if reference else None,
                                       record["caption"], s),
                     record=record,
-                    context={"base": base},
+                    context={"base": base, "sampler": sampler, "mask_source": mask_source},
                 )
             )  # fmt: skip
     return items
@@ -126,3 +129,27 @@ def _preparer(
         return Prepared(image, mask_image, caption, ref, ref_mask)
 
     return prepare
+
+
+def texture_categories_of(source: SourceData, named: Sequence[str] | None) -> frozenset[str]:
+    """``--texture-categories``: None keeps MVTec AD's textures; names must be categories of the source."""
+    if named is None:
+        return TEXTURE_CATEGORIES
+    if unknown := sorted(set(named) - set(source.categories)):
+        raise SynthesisError(
+            f"--texture-categories: {', '.join(unknown)} not in {source.name}; it has {', '.join(source.categories)}"
+        )
+    return frozenset(named)
+
+
+def mark_fallbacks(output: Path, items: Sequence[Item]) -> int:
+    """Sets each item's ``mask_fallback`` record (its written mask is the real one resized, the sampler's
+    fallback) from the mask on disk, so items made by another process or an earlier run are marked too;
+    returns how many are."""
+    for item in items:
+        with PIL.Image.open(output / item.mask_path) as mask:
+            written = np.asarray(mask.convert("L")) > 0
+        item.record["mask_fallback"] = item.context["sampler"].is_fallback(
+            written, item.context["mask_source"]
+        )
+    return sum(item.record["mask_fallback"] for item in items)
