@@ -445,7 +445,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output_dir", default="outputs/demo", help="Everything the run writes goes here.")
     p.add_argument("--ablation", action="store_true", help="Run the five models of paper table 6.")
     p.add_argument("--size", type=int, default=32, help="Toy image size in pixels.")
-    p.add_argument("--anomalies_per_type", type=int, default=30, help="Real toy anomalies per defect type.")
+    p.add_argument("--anomalies_per_type", type=int, default=60, help="Real toy anomalies per defect type.")
     p.add_argument(
         "--held_out_normals", type=int, default=16, help="Normal images that receive every caption."
     )

@@ -132,7 +132,7 @@ def _data_flags(g) -> None:
     g.add_argument(
         "--reference_mismatch_prob",
         type=float,
-        default=0.0,
+        default=0.5,
         help="Of the examples that keep both conditions, the share whose reference is another defect type of "
         "the same category: the caption is the label, so where the two disagree the caption decides.",
     )

@@ -150,7 +150,7 @@ class AnomalyTrainingDataset(torch.utils.data.Dataset):
         caption_drop_prob: float = 0.25,
         reference_drop_prob: float = 0.35,
         joint_drop_prob: float = 0.1,
-        reference_mismatch_prob: float = 0.0,
+        reference_mismatch_prob: float = 0.5,
         decoded_cache_mb: float = 1024,
     ):
         self.dataset = dataset
