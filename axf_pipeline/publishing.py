@@ -78,3 +78,27 @@ def publishable_name(reference: str | os.PathLike | None, hub_id: str | None = N
 def is_local(reference: str | os.PathLike | None) -> bool:
     """Whether a model/dataset reference names a local file or folder (not a Hub id)."""
     return reference is not None and Path(reference).exists()
+
+
+def drop_local_paths(folder: str | os.PathLike) -> None:
+    """Removes the ``_name_or_path`` that diffusers and transformers record in a saved config when it names a
+    local folder (where the component was loaded from, on this machine); a Hub id stays."""
+    folder = Path(folder)
+    for config in sorted({*folder.glob("*.json"), *folder.glob("*/*.json")}):
+        try:
+            data = json.loads(config.read_text())
+        except (UnicodeDecodeError, ValueError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        local = [
+            key
+            for key in ("_name_or_path", "name_or_path")
+            if isinstance(data.get(key), str) and (os.path.isabs(data[key]) or is_local(data[key]))
+        ]
+        if local:
+            for key in local:
+                del data[key]
+            tmp = config.with_name(f".{config.name}.tmp")
+            tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, config)

@@ -48,7 +48,12 @@ def test_synthetic_card_labels_its_size_and_names_the_model_without_its_path(tmp
     record = {"category": "bottle", "defect_type": "broken_large"}
     items = [SimpleNamespace(record=record)] * n
     settings = {"model": str(model), "dataset": "someone/defects", "config": "ad", "seed": 0}
-    settings |= {"steps": 2, "guidance_scale": 4.0, "reference_guidance_scale": None, "padding_mask_crop": None}
+    settings |= {
+        "steps": 2,
+        "guidance_scale": 4.0,
+        "reference_guidance_scale": None,
+        "padding_mask_crop": None,
+    }
     settings |= {"batch_size": 1, "dtype": "float32", "prompt": None, "reference": True}
     export.write_card(out, items, settings, {"made": n, "skipped": 0})
     card = DatasetCard.load(out / "README.md")
@@ -77,7 +82,9 @@ def test_publishable_name_is_the_hub_id_or_the_base_name_and_a_content_hash(tmp_
 
 
 def test_card_yaml_is_checked_before_it_is_written(tmp_path, monkeypatch):
-    ok = ModelCardData(license="apache-2.0", library_name="diffusers", tags=["a"], pipeline_tag="image-to-image")
+    ok = ModelCardData(
+        license="apache-2.0", library_name="diffusers", tags=["a"], pipeline_tag="image-to-image"
+    )
     assert check_card_data(ok) is ok
     with pytest.raises(ValueError, match="license_name"):
         check_card_data(ModelCardData(license="other", license_link="https://example.com/licence"))
@@ -143,3 +150,38 @@ def test_custom_data_has_the_licence_its_owner_states_or_unknown(trees):
     assert "1,258" not in card.text
     assert dataset_terms(output, "stated")["license"] == "cc-by-4.0"
     assert dataset_terms(output, "unstated")["license"] == "unknown"
+
+
+def test_a_saved_or_pushed_pipeline_names_no_local_folder(tmp_path, monkeypatch):
+    from diffusers.utils import hub_utils
+
+    from axf_pipeline import AnomalyXFusionPipeline
+    from axf_pipeline.tiny import build_tiny_components
+
+    AnomalyXFusionPipeline(**build_tiny_components()).save_pretrained(tmp_path / "first")
+    pipe = AnomalyXFusionPipeline.from_pretrained(tmp_path / "first")  # records where it came from
+    assert str(tmp_path) in json.dumps(dict(pipe.unet.config))
+
+    def texts(folder: Path) -> dict[str, str]:
+        return {p.relative_to(folder).as_posix(): p.read_text() for p in folder.rglob("*.json")}
+
+    pipe.save_pretrained(tmp_path / "second")
+    saved = texts(tmp_path / "second")
+    assert "unet/config.json" in saved and not [n for n, t in saved.items() if str(tmp_path) in t]
+    from diffusers.pipelines import pipeline_utils
+    from huggingface_hub import ModelCard
+
+    uploads = []
+    for module in (hub_utils, pipeline_utils):
+        monkeypatch.setattr(module, "create_repo", lambda repo_id, **kw: SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(pipeline_utils, "load_or_create_model_card", lambda *a, **kw: ModelCard("---\n---\n"))
+    monkeypatch.setattr(
+        hub_utils.PushToHubMixin,
+        "_upload_folder",
+        lambda self, d, repo_id, **kw: uploads.append(texts(Path(d))),
+    )
+    pipe.push_to_hub("someone/axf-tiny", token="x")
+    pipe.save_pretrained(str(tmp_path / "third"), push_to_hub=True, repo_id="someone/axf-tiny", token="x")
+    assert len(uploads) == 2
+    for uploaded in uploads:
+        assert "unet/config.json" in uploaded and not [n for n, t in uploaded.items() if str(tmp_path) in t]
