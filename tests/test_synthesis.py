@@ -18,8 +18,8 @@ import pytest
 from cli_checks import assert_refused
 
 from axf_pipeline import AnomalyXFusionPipeline
-from axf_pipeline.publishing import publishable_name
 from axf_pipeline.cli import main
+from axf_pipeline.publishing import publishable_name
 from axf_pipeline.tiny import build_tiny_components, stable_diffusion_pipeline
 from mvtec_caption import export_dataset, make_sample_tree
 
@@ -122,7 +122,9 @@ def test_output_is_a_dataset_with_provenance_that_loads_in_a_fresh_process(setup
         assert not row["source_image"].endswith("004.png")  # the held-out normal is never a base
     card = (reference / "README.md").read_text()
     # the source is a generated sample tree: toy data, the project's licence; the model by name and hash
-    assert "license: apache-2.0" in card and "Toy data" in card and "| `bottle` | `broken_large` | 2 |" in card
+    assert (
+        "license: apache-2.0" in card and "Toy data" in card and "| `bottle` | `broken_large` | 2 |" in card
+    )
     assert f"| model | `{publishable_name(setup / 'model')}` |" in card and str(setup) not in card
 
 
