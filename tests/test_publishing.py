@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 from cli_checks import assert_refused
-from huggingface_hub import DatasetCard, DatasetCardData, ModelCardData
+from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
 
 from axf_pipeline.publishing import content_hash, publishable_name
 from mvtec_caption import export_dataset, make_custom_tree, make_sample_tree
@@ -119,37 +119,77 @@ def _card(output: Path) -> DatasetCard:
     return card
 
 
-def test_mvtec_data_is_carded_with_mvtecs_licence_and_toy_data_as_a_toy(trees):
+@pytest.fixture(scope="module")
+def exports(trees):
+    """MVTec data, the same images built as toy data, and a custom tree as two configs: with a stated
+    licence and without."""
     cache = trees.root / "cache"
     real = export_dataset("ad", trees.mvtec, trees.root / "real", trees.captions, cache_dir=cache)
     toy = export_dataset("ad", trees.mvtec, trees.root / "toy", trees.captions, cache_dir=cache, toy=True)
-    card = _card(real)
+    custom = trees.root / "custom_export"
+    base = ["build", "--config", "custom", "--data-dir", str(trees.custom.root), "--output", str(custom),
+            "--captions", str(trees.custom.captions_path), "--cache-dir", str(cache)]  # fmt: skip
+    assert dataset_main([*base, "--name", "stated", "--license", "cc-by-4.0"]) == 0
+    assert dataset_main([*base, "--name", "unstated"]) == 0
+    return SimpleNamespace(real=real, toy=toy, custom=custom, custom_argv=base)
+
+
+def test_mvtec_data_is_carded_with_mvtecs_licence_and_toy_data_as_a_toy(exports):
+    card = _card(exports.real)
     assert card.data.license == "cc-by-nc-sa-4.0" and "mvtec" in card.data.tags
     assert card.data.size_categories == ["n<1K"] and "1,258 captions" in card.text
-    assert dataset_terms(real, "ad") == {"license": "cc-by-nc-sa-4.0", "toy": False, "mvtec": True}
-    card = _card(toy)
+    assert dataset_terms(exports.real, "ad") == {"license": "cc-by-nc-sa-4.0", "toy": False, "mvtec": True}
+    card = _card(exports.toy)
     assert card.data.license == "apache-2.0" and "toy" in card.data.tags and "mvtec" not in card.data.tags
     assert "Toy data" in card.text and "1,258" not in card.text and "CC BY-NC-SA" not in card.text
-    assert dataset_terms(toy, "ad") == {"license": "apache-2.0", "toy": True, "mvtec": False}
+    assert dataset_terms(exports.toy, "ad") == {"license": "apache-2.0", "toy": True, "mvtec": False}
 
 
-def test_custom_data_has_the_licence_its_owner_states_or_unknown(trees):
-    output = trees.root / "custom_export"
-    base = ["build", "--config", "custom", "--data-dir", str(trees.custom.root), "--output", str(output),
-            "--captions", str(trees.custom.captions_path), "--cache-dir", str(trees.root / "cache")]  # fmt: skip
-    assert_refused(dataset_main, [*base, "--license", "Our own terms"], "--license", [output])
+def test_custom_data_has_the_licence_its_owner_states_or_unknown(trees, exports):
+    output = exports.custom
+    assert_refused(dataset_main, [*exports.custom_argv, "--license", "Our own terms"], "--license", [output])
     assert_refused(
         dataset_main, ["build", "--config", "ad", "--data-dir", str(trees.mvtec), "--license", "mit",
                        "--output", str(output)], "cc-by-nc-sa-4.0", [output],
     )  # fmt: skip
-    assert dataset_main([*base, "--name", "stated", "--license", "cc-by-4.0"]) == 0
-    assert dataset_main([*base, "--name", "unstated"]) == 0
     card = _card(output)
     assert card.data.license == ["cc-by-4.0", "unknown"] and "mvtec" not in card.data.tags
     assert "| `stated` | cc-by-4.0 |" in card.text and "| `unstated` | unknown |" in card.text
     assert "1,258" not in card.text
     assert dataset_terms(output, "stated")["license"] == "cc-by-4.0"
     assert dataset_terms(output, "unstated")["license"] == "unknown"
+
+
+@pytest.mark.parametrize(
+    ("data", "config", "flags", "license", "says"),
+    [
+        ("real", "ad", [], "cc-by-nc-sa-4.0", "MVTec AD / MVTec LOCO (CC BY-NC-SA 4.0"),
+        ("toy", "ad", [], "apache-2.0", "Toy model"),
+        ("custom", "stated", [], "cc-by-4.0", "follows that data's terms"),
+        ("custom", "unstated", [], "unknown", "states no licence"),
+        ("custom", "unstated", ["--license", "mit"], "mit", "as stated by whoever trained it"),
+    ],
+)
+def test_a_models_licence_follows_its_data_unless_stated(
+    exports, tmp_path, monkeypatch, data, config, flags, license, says
+):
+    from axf_pipeline.training import parse_args
+    from axf_pipeline.training.export import write_model_card
+
+    monkeypatch.chdir(getattr(exports, data).parent)  # paths typed relative, as a user types them
+    base = tmp_path / "models" / "base"
+    base.mkdir(parents=True)
+    (base / "model_index.json").write_text("{}")
+    argv = ["--pretrained_model_name_or_path", str(base), "--image_encoder", "openai/clip-vit-large-patch14",
+            "--dataset_name", getattr(exports, data).name, "--dataset_config", config,
+            "--output_dir", str(tmp_path / "run"), *flags]  # fmt: skip
+    (tmp_path / "card").mkdir()
+    card = write_model_card(parse_args(argv), tmp_path / "card", 3, 6, 1)
+    assert card.data.license == license and says in card.text
+    assert ("toy" in card.data.tags) == (data == "toy") and ("mvtec" in card.data.tags) == (data == "real")
+    assert card.data.base_model is None and card.data.datasets is None  # local: no Hub id to link
+    assert str(tmp_path) not in card.content and f"`{publishable_name(base)}`" in card.content
+    check_card_data(ModelCard.load(tmp_path / "card" / "README.md").data)
 
 
 def test_a_saved_or_pushed_pipeline_names_no_local_folder(tmp_path, monkeypatch):
