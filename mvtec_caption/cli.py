@@ -113,7 +113,7 @@ def _print_summary(output: Path) -> None:
         splits = ", ".join(
             f"{split} {c['examples']} ({c['anomalies']} anomalies)" for split, c in entry["splits"].items()
         )
-        note = "  [SYNTHETIC SAMPLE]" if entry["synthetic"] else ""
+        note = "  [SYNTHETIC SAMPLE]" if entry["synthetic"] else "  [TOY DATA]" if entry["toy"] else ""
         print(
             f"  {config_name}: {splits}; {entry['captions']} captions, {len(entry['categories'])} categories{note}"
         )
