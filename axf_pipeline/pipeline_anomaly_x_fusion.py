@@ -223,10 +223,22 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
     )
 
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs):
-        """diffusers' saver; pickle weights are refused here, since :meth:`from_pretrained` would refuse them."""
+        """diffusers' saver; pickle weights are refused here, since :meth:`from_pretrained` would refuse them.
+        The saved configs name no local folder, so the folder can be pushed as it is."""
+        from .publishing import drop_local_paths
+
         if not safe_serialization:
             raise ValueError(f"{self._SAFETENSORS_ONLY}: save_pretrained(safe_serialization=False) refused")
         super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
+        drop_local_paths(save_directory)
+
+    def _upload_folder(self, working_dir, *args, **kwargs):
+        """diffusers' upload (``push_to_hub``, ``save_pretrained(push_to_hub=True)``), of configs that name no
+        local folder."""
+        from .publishing import drop_local_paths
+
+        drop_local_paths(working_dir)
+        return super()._upload_folder(working_dir, *args, **kwargs)
 
     def to_json_file(self, json_file_path: str | os.PathLike):
         """diffusers' ``model_index.json``, then the code that lets the folder load without this package

@@ -10,6 +10,7 @@ import datasets
 
 from .archive import extract_archive
 from .captions import TEMPLATE, Captions, read_captions, read_custom_captions, shipped_captions
+from .cards import MVTEC_LICENSE
 from .errors import MVTecCaptionError
 from .images import check_image_bytes
 from .layout import (
@@ -31,7 +32,6 @@ and 993 over MVTec LOCO's 5, plus the normal images of both. Captions are the au
 masks are MVTec's (CC BY-NC-SA 4.0) and are read from the user's local copy.
 """
 _HOMEPAGE = "https://github.com/hujiecpp/MVTec-Caption"
-LICENSE = "cc-by-nc-sa-4.0"
 CITATION = """\
 @article{hu2024anomalyxfusion,
   title   = {AnomalyXFusion: Multi-modal Anomaly Synthesis with Diffusion},
@@ -135,7 +135,7 @@ class MVTecCaption(datasets.GeneratorBasedBuilder):
             description=_CUSTOM_DESCRIPTION if custom else _DESCRIPTION,
             features=caption_features(),
             homepage="" if custom else _HOMEPAGE,
-            license="" if custom else LICENSE,
+            license="" if custom else MVTEC_LICENSE,
             citation=CITATION,
         )
 

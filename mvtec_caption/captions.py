@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+from importlib import resources
 from pathlib import Path
 
 from .errors import MVTecCaptionError
@@ -29,7 +30,7 @@ def template_caption(category: str, defect_type: str) -> str:
     return TEMPLATE.format(defect=words(defect_type), category=words(category))
 
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = resources.files("mvtec_caption") / "data"  # package data: the same in a wheel as in a checkout
 # Provenance of the shipped captions: upstream repository, commit, and sha256 of each authors' file.
 SOURCES = json.loads((DATA_DIR / "sources.json").read_text(encoding="utf-8"))
 CAPTIONS_REPO: str = SOURCES["repository"]

@@ -62,6 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "custom: JSON {category: {defect_type: [caption, ...] or {image: caption}}} (default: templates)",
     )
     build.add_argument("--name", help="custom only: the config name in the export (default: custom)")
+    build.add_argument(
+        "--license",
+        help="custom only: your images' licence as a Hub licence id (e.g. cc-by-4.0) for the card; "
+        "default: unknown (ad and loco are MVTec's cc-by-nc-sa-4.0)",
+    )
     build.add_argument("--categories", nargs="+", help="build only these categories")
     build.add_argument(
         "--output", type=Path, default=DEFAULT_OUTPUT, help=f"export folder (default {DEFAULT_OUTPUT})"
@@ -108,7 +113,7 @@ def _print_summary(output: Path) -> None:
         splits = ", ".join(
             f"{split} {c['examples']} ({c['anomalies']} anomalies)" for split, c in entry["splits"].items()
         )
-        note = "  [SYNTHETIC SAMPLE]" if entry["synthetic"] else ""
+        note = "  [SYNTHETIC SAMPLE]" if entry["synthetic"] else "  [TOY DATA]" if entry["toy"] else ""
         print(
             f"  {config_name}: {splits}; {entry['captions']} captions, {len(entry['categories'])} categories{note}"
         )
@@ -120,11 +125,11 @@ def _build(args: argparse.Namespace) -> None:
             raise MVTecCaptionError(f"--config {{{','.join(CONFIGS)}}} is required with --data-dir")
         export_dataset(
             args.config, args.data_dir, args.output, args.captions, args.categories, args.cache_dir,
-            name=args.name,
+            name=args.name, license=args.license,
         )  # fmt: skip
-    elif args.config == "custom" or args.name is not None:
+    elif args.config == "custom" or args.name is not None or args.license is not None:
         raise MVTecCaptionError(
-            "--config custom (and --name) need --data-dir: the folder of your MVTec-layout tree"
+            "--config custom (and --name, --license) need --data-dir: the folder of your MVTec-layout tree"
         )
     else:
         check_output_dir(args.output)
@@ -147,7 +152,7 @@ def _build(args: argparse.Namespace) -> None:
                 )  # fmt: skip
                 export_dataset(
                     config_name, tree.root, args.output, tree.captions_path, args.categories,
-                    args.cache_dir or args.work_dir / "cache",
+                    args.cache_dir or args.work_dir / "cache", toy=True,
                 )  # fmt: skip
     print(f"Exported to {args.output}:")
     _print_summary(args.output)

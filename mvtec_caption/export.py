@@ -28,14 +28,24 @@ from huggingface_hub import DatasetCard, DatasetCardData, HfApi
 from tqdm.auto import tqdm
 
 from ._io import atomic_write, load_source
-from .builder import CITATION, LICENSE, SPLITS, MVTecCaption
+from .builder import CITATION, SPLITS, MVTecCaption
+from .cards import (
+    MVTEC_LICENSE,
+    PROJECT_LICENSE,
+    UNKNOWN_LICENSE,
+    card_template,
+    check_card_data,
+    check_license_id,
+    check_publishable,
+    size_category,
+)
 from .errors import MVTecCaptionError
 from .images import decode
 from .sample_tree import SYNTHETIC_PREFIX
 
 DEFAULT_OUTPUT = Path("outputs") / "mvtec_caption"
 CONFIGS = tuple(SPLITS)
-CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "cards" / "dataset_card.md"
+CARD_TEMPLATE = "dataset_card.md"  # in mvtec_caption/cards/ (package data)
 # What this package wrote into an export folder: the card's sha256 and, per config, its kind and files.
 MARKER = ".mvtec_caption_export.json"
 _SPLIT_ORDER = ("train", "validation", "test")
@@ -117,6 +127,24 @@ def check_output_dir(output: str | Path) -> Path:
     return output
 
 
+def config_license(config_name: str, license: str | None = None, toy: bool = False) -> str:
+    """A config's licence: the project's for toy data, MVTec's for MVTec AD / LOCO images, and for a custom
+    tree the one its owner states (``--license``), else ``unknown``."""
+    if license is not None and (config_name != "custom" or toy):
+        raise MVTecCaptionError(
+            f"--license is for --config custom; the {config_name} config's images are "
+            + (f"toy data under {PROJECT_LICENSE}" if toy else f"MVTec's, under {MVTEC_LICENSE}")
+        )
+    if toy:
+        return PROJECT_LICENSE
+    if config_name != "custom":
+        return MVTEC_LICENSE
+    try:
+        return UNKNOWN_LICENSE if license is None else check_license_id(license)
+    except ValueError as err:
+        raise MVTecCaptionError(str(err)) from err
+
+
 def _check_name(config_name: str, name: str | None) -> str:
     if config_name not in CONFIGS:
         raise MVTecCaptionError(f"Unknown config {config_name!r}; choose one of {', '.join(CONFIGS)}")
@@ -142,14 +170,21 @@ def export_dataset(
     cache_dir: str | Path | None = None,
     max_shard_size: str | int = "500MB",
     name: str | None = None,
+    license: str | None = None,
+    toy: bool = False,
 ) -> Path:
     """Build one config into `output/<name>/` (name: the config's, or yours for `custom`), then
     (re)render the card for every config present.
+
+    ``license``: a custom tree's licence as its owner states it (a Hub licence id; default ``unknown``).
+    ``toy``: the tree is generated toy data (the demo's, a sample tree): carded as such, under the project's
+    licence, whatever config layout it follows.
 
     Everything is built in a staging folder beside `output` and renamed into place: a failed or killed
     build leaves the earlier export (or no folder) as it was, never a mix.
     """
     name = _check_name(config_name, name)
+    terms = {"license": config_license(config_name, license, toy), "toy": toy}
     output = Path(output)
     prefix = f".{output.name}.staging-"
     _recover_interrupted(output, prefix)
@@ -176,7 +211,7 @@ def export_dataset(
                 raise MVTecCaptionError(f"datasets wrote no Parquet shard for split {split!r}")
             for i, shard in enumerate(shards):
                 shard.rename(target / f"{split}-{i:05d}-of-{len(shards):05d}.parquet")
-        entry = {"kind": config_name, "files": sorted(p.name for p in target.iterdir())}
+        entry = {"kind": config_name, "files": sorted(p.name for p in target.iterdir()), **terms}
         if not output.exists():
             fresh = staging_root / "export"
             fresh.mkdir()
@@ -248,12 +283,14 @@ def _config_files(output: Path) -> dict[str, dict[str, list[Path]]]:
 
 
 def summarize(output: str | Path) -> dict[str, dict]:
-    """Counts per config and split, read from the shards' metadata columns (no image bytes read)."""
+    """Counts per config and split, read from the shards' metadata columns (no image bytes read), with each
+    config's licence and whether it is toy data (built so, or from a generated sample tree)."""
     summary: dict[str, dict] = {}
-    kinds = {name: c.get("kind", name) for name, c in read_marker(Path(output)).get("configs", {}).items()}
+    recorded = read_marker(Path(output)).get("configs", {})
     for config_name, splits in _config_files(Path(output)).items():
+        record = recorded.get(config_name, {})
         entry: dict = {
-            "kind": kinds.get(config_name, config_name), "splits": {}, "categories": [], "captions": 0,
+            "kind": record.get("kind", config_name), "splits": {}, "categories": [], "captions": 0,
             "templated": 0, "synthetic": False,
         }  # fmt: skip
         for split, shards in splits.items():
@@ -272,20 +309,54 @@ def summarize(output: str | Path) -> dict[str, dict]:
             entry["categories"] = list(
                 dict.fromkeys([*entry["categories"], *table.column("category").to_pylist()])
             )
+        entry["toy"] = bool(record.get("toy")) or entry["synthetic"]
+        kind = entry["kind"] if entry["kind"] in CONFIGS else "custom"
+        entry["license"] = PROJECT_LICENSE if entry["toy"] else record.get("license") or config_license(kind)
         summary[config_name] = entry
     return summary
 
 
+def dataset_terms(dataset: str | Path, config: str | None = None) -> dict:
+    """What a model or a synthetic set made from one config of ``dataset`` inherits: ``license`` (plus
+    ``license_name``/``license_link`` for ``other``), ``toy`` and ``mvtec`` (MVTec's images).
+
+    A local export of this package answers per config from its record; any other folder or a Hub id from its
+    card (offline or without a card: ``unknown``, never a guess)."""
+    path = Path(dataset)
+    summary = summarize(path) if path.is_dir() and read_marker(path) else {}
+    entry = summary.get(config) if config else next(iter(summary.values())) if len(summary) == 1 else None
+    if entry is not None:
+        mvtec = entry["kind"] in ("ad", "loco") and not entry["toy"]
+        return {"license": entry["license"], "toy": entry["toy"], "mvtec": mvtec}
+    try:
+        readme = path / "README.md"
+        data = (DatasetCard.load(readme) if readme.is_file() else DatasetCard.load(str(dataset))).data
+    except Exception:  # offline, no card, or not a dataset: say so rather than guess
+        data = DatasetCardData()
+    license, tags = data.get("license"), data.get("tags") or []
+    if isinstance(license, list):
+        license = license[0] if len(license) == 1 else None
+    terms = {"license": license or UNKNOWN_LICENSE, "toy": "toy" in tags, "mvtec": "mvtec" in tags}
+    if license == "other":
+        if data.get("license_name") and data.get("license_link"):
+            terms.update(license_name=data.get("license_name"), license_link=data.get("license_link"))
+        else:
+            terms["license"] = UNKNOWN_LICENSE
+    return terms
+
+
 def write_card(output: str | Path, infos: dict[str, datasets.DatasetInfo] | None = None) -> Path:
-    """README.md from `cards/dataset_card.md`, listing every config found in `output`."""
+    """README.md from the template `mvtec_caption/cards/dataset_card.md`, listing every config in `output`."""
     output = Path(output)
     readme = output / "README.md"
     card_data = DatasetCard.load(readme).data if readme.exists() else DatasetCardData()
     summary = summarize(output)
     files = _config_files(output)
-    mvtec = any(entry["kind"] in ("ad", "loco") for entry in summary.values())
-    card_data.license = LICENSE if mvtec else "other"
-    card_data.pretty_name = "MVTec Caption"
+    mvtec = any(entry["kind"] in ("ad", "loco") and not entry["toy"] for entry in summary.values())
+    toy = bool(summary) and all(entry["toy"] for entry in summary.values())
+    licenses = sorted({entry["license"] for entry in summary.values()})
+    card_data.license = licenses[0] if len(licenses) == 1 else licenses
+    card_data.pretty_name = "MVTec Caption" + (" (toy data)" if toy else "")
     card_data.task_categories = ["image-to-image", "text-to-image", "image-segmentation"]
     card_data.language = ["en"]
     card_data.tags = [
@@ -293,9 +364,10 @@ def write_card(output: str | Path, infos: dict[str, datasets.DatasetInfo] | None
         "anomaly-synthesis",
         "industrial-inspection",
         *(["mvtec"] if mvtec else []),
+        *(["toy"] if any(entry["toy"] for entry in summary.values()) else []),
     ]
     total = sum(s["examples"] for entry in summary.values() for s in entry["splits"].values())
-    card_data.size_categories = ["n<1K" if total < 1000 else "1K<n<10K" if total < 10000 else "10K<n<100K"]
+    card_data.size_categories = [size_category(total)]
     card_data.configs = [
         {
             "config_name": config_name,
@@ -307,17 +379,22 @@ def write_card(output: str | Path, infos: dict[str, datasets.DatasetInfo] | None
         DatasetInfosDict(infos).to_dataset_card_data(card_data)
     if isinstance(card_data.get("dataset_info"), list):
         card_data.dataset_info = [i for i in card_data.dataset_info if i.get("config_name") in files]
-    if not CARD_TEMPLATE.is_file():
-        raise MVTecCaptionError(f"Dataset card template {CARD_TEMPLATE} is missing")
+    try:
+        check_card_data(card_data, [output])
+    except ValueError as err:
+        raise MVTecCaptionError(f"{readme}: {err}") from err
     card = DatasetCard.from_template(
         card_data,
-        template_path=str(CARD_TEMPLATE),
+        template_str=card_template("mvtec_caption", CARD_TEMPLATE),
         summary=summary,
         citation=CITATION,
+        mvtec=mvtec,
+        toy=toy,
     )
     # Atomic, and recorded as ours before it lands: a kill at any point leaves a card the next build
     # recognises.
     text = str(card)
+    check_publishable(text, [output], str(readme))
     marker = read_marker(output)
     sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     marker["readme_sha256"] = [*marker.get("readme_sha256", [])[-1:], sha]

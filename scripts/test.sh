@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command: sets up .venv on a fresh clone, builds the docs (a broken link or a page missing
-# from the nav fails), then runs the whole offline suite (extra arguments go to pytest).
+# from the nav fails), installs the built wheel into a fresh venv and runs it from outside the source tree,
+# then runs the whole offline suite (extra arguments go to pytest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The app's browser test drives Debian's chromium; in CI (as root) install it when missing. A failed
@@ -11,4 +12,5 @@ if [ "${CI:-}" = "true" ] && [ "$(id -u)" = 0 ] && [ ! -x /usr/bin/chromium ] &&
 fi
 source scripts/_venv.sh
 NO_MKDOCS_2_WARNING=1 python -m mkdocs build --strict --quiet
+bash scripts/check_wheel.sh  # the installed wheel, outside the source tree (~30 s)
 python -m pytest -q "$@"

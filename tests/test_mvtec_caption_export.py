@@ -55,7 +55,9 @@ def test_export_of_both_configs_loads_in_a_fresh_process_after_the_tree_is_gone(
     # the second build added its config: the card lists both
     card = DatasetCard.load(output / "README.md")
     assert [c["config_name"] for c in card.data.configs] == ["ad", "loco"]
-    assert card.data.license == "cc-by-nc-sa-4.0"
+    # generated sample trees are toy data: the project's licence, never MVTec's terms or its tag
+    assert card.data.license == "apache-2.0" and "toy" in card.data.tags and "mvtec" not in card.data.tags
+    assert "1,258" not in card.text
     assert "bergmann2019mvtec" in card.text and "hu2024anomalyxfusion" in card.text
     assert "| `loco` | `test` | 14 | 12 | 2 |" in card.text
     assert "generated sample tree" in card.text

@@ -19,6 +19,7 @@ from cli_checks import assert_refused
 
 from axf_pipeline import AnomalyXFusionPipeline
 from axf_pipeline.cli import main
+from axf_pipeline.publishing import publishable_name
 from axf_pipeline.synthesis.core import plan_batches
 from axf_pipeline.synthesis.fingerprint import content_hash
 from axf_pipeline.synthesis.plan import plan_items, select
@@ -126,11 +127,11 @@ def test_output_is_a_dataset_with_provenance_that_loads_in_a_fresh_process(setup
         )
         assert not row["source_image"].endswith("004.png")  # the held-out normal is never a base
     card = (reference / "README.md").read_text()
+    # the source is a generated sample tree: toy data, the project's licence; the model by name and hash
     assert (
-        "cc-by-nc-sa-4.0" in card
-        and str(setup / "model") in card
-        and "| `bottle` | `broken_large` | 2 |" in card
+        "license: apache-2.0" in card and "Toy data" in card and "| `bottle` | `broken_large` | 2 |" in card
     )
+    assert f"| model | `{publishable_name(setup / 'model')}` |" in card and str(setup) not in card
 
 
 def test_anomalies_keep_the_normal_outside_the_mask_and_change_inside(setup, reference):

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from cli_checks import assert_refused
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from training_setup import make_training_setup, training_argv
 
+from axf_pipeline.publishing import publishable_name
 from axf_pipeline.tiny import build_tiny_components
 from axf_pipeline.training import main, parse_args
 from axf_pipeline.training.checkpointing import STATE_FILE, WEIGHTS_FILE, list_checkpoints
@@ -124,6 +126,26 @@ def trained(fixture):
     return out, result
 
 
+def test_everything_published_names_no_local_path_and_the_licence_follows_the_data(fixture, trained):
+    """model_index.json, every config and the card hold no path of this machine; the card's licence and toy
+    status are the training data's (a generated sample tree: toy data under the project's licence)."""
+    out, _ = trained
+    published = (out / "exports" / "current").resolve()
+    texts = {
+        p.relative_to(published).as_posix(): p.read_text()
+        for p in published.rglob("*")
+        if p.is_file() and p.suffix in (".json", ".md", ".txt")
+    }
+    assert {"model_index.json", "README.md", "unet/config.json", "mif/config.json"} <= set(texts)
+    for name, text in texts.items():
+        assert str(fixture["root"]) not in text and "/tmp/" not in text, name
+    card = ModelCard.load(out / "README.md")
+    assert card.data.license == "apache-2.0" and "toy" in card.data.tags and "mvtec" not in card.data.tags
+    assert card.data.base_model is None and card.data.datasets is None  # local: no Hub id to link
+    assert "Toy model" in card.text and "MVTec AD / MVTec LOCO" not in card.text
+    assert f"`{publishable_name(fixture['dataset'])}`" in card.text
+
+
 def test_run_saves_a_loadable_pipeline_that_differs_from_untrained(fixture, trained):
     from accelerate.utils import set_seed
 
@@ -135,7 +157,7 @@ def test_run_saves_a_loadable_pipeline_that_differs_from_untrained(fixture, trai
     assert (out / "validation" / "step-000006.png").is_file()
     assert list((out / "logs").rglob("events.out.tfevents*")), "no TensorBoard log"
     card = (out / "README.md").read_text()
-    assert "cc-by-nc-sa-4.0" in card and "| steps | 6 " in card and str(fixture["base"]) in card
+    assert "| steps | 6 " in card and f"| base model | `{publishable_name(fixture['base'])}` |" in card
     assert (out / "unet_lora" / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "pipeline_anomaly_x_fusion.py").is_file()  # the code for trust_remote_code, published too
 

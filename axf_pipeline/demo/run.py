@@ -76,7 +76,9 @@ def build_dataset(work: Path, size: int, per_type: int, held_out: int, seed: int
     toy = make_toy_tree(
         work / "toy", size=size, anomalies_per_type=per_type, held_out_normals=held_out, seed=seed
     )
-    export = export_dataset("ad", toy.root, output=work / "mvtec_caption", captions=toy.captions_path)
+    export = export_dataset(
+        "ad", toy.root, output=work / "mvtec_caption", captions=toy.captions_path, toy=True
+    )
     dataset = load_source(str(export), "ad")  # not load_dataset: its cache would serve another seed's rows
     log(f"MVTec Caption (toy) built into {export}: " + ", ".join(f"{k}={len(v)}" for k, v in dataset.items()))
     return toy, export, dataset

@@ -1,7 +1,7 @@
 """The outputs of `axf synthesize` besides the item files: the Parquet dataset and its card, the normals of
 the MVTec-layout folder, and the previews. Written by the main process once every shard is done.
 
-    OUT/README.md                                  card (cards/synthetic_dataset_card.md)
+    OUT/README.md                                  card (axf_pipeline/cards/synthetic_dataset_card.md)
     OUT/data/train-00000-of-00001.parquet          one row per synthetic anomaly, image bytes embedded
     OUT/mvtec/<category>/train/good/NNN.png        the train normals used as bases
     OUT/mvtec/<category>/test/good/NNN.png         held-out train normals (last floor(n/5)); none if n < 5
@@ -23,7 +23,7 @@ from .core import Item, atomic_write, save_png
 from .plan import digits
 from .source import SourceData
 
-CARD_TEMPLATE = Path(__file__).resolve().parents[2] / "cards" / "synthetic_dataset_card.md"
+CARD_TEMPLATE = "synthetic_dataset_card.md"  # in axf_pipeline/cards/ (package data)
 ROWS_PER_SHARD = 250  # rows of embedded images per Parquet file: bounded memory while writing
 PREVIEW_ROWS = 4
 PREVIEW_HEIGHT = 128
@@ -105,44 +105,56 @@ def write_parquet(output: Path, items: Sequence[Item]) -> list[str]:
     return names
 
 
-def source_license(dataset: str) -> str:
-    """The licence in the source dataset's card (a local folder's README.md, or the Hub card)."""
-    from huggingface_hub import DatasetCard
-
-    readme = Path(dataset) / "README.md"
-    try:
-        card = DatasetCard.load(readme) if readme.is_file() else DatasetCard.load(dataset)
-        return str(card.data.get("license") or "unknown (the source card names none)")
-    except Exception:  # offline or no card: say so rather than guess
-        return "unknown (the source card could not be read)"
-
-
 def write_card(output: Path, items: Sequence[Item], settings: dict, summary_counts: dict) -> None:
+    """README.md: the source's licence and toy status carried over; model and dataset named as the Hub would
+    know them (never the paths typed on the command line)."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
-    license_name = source_license(settings["dataset"])
+    from mvtec_caption.cards import card_template, check_card_data, check_publishable, size_category
+    from mvtec_caption.export import dataset_terms
+
+    from ..publishing import publishable_name
+
+    terms = dataset_terms(settings["dataset"], settings["config"])
+    shown = {
+        **settings,
+        "model": publishable_name(settings["model"]),
+        "dataset": publishable_name(settings["dataset"]),
+    }
     card_data = DatasetCardData(
-        license=license_name if " " not in license_name else "other",
-        pretty_name="Synthetic anomalies (AnomalyXFusion)",
+        license=terms["license"],
+        pretty_name="Synthetic anomalies (AnomalyXFusion)" + (" from toy data" if terms["toy"] else ""),
         task_categories=["image-segmentation", "image-classification"],
-        tags=["anomaly-detection", "synthetic", "anomalyxfusion", "mvtec"],
-        size_categories=["n<1K" if len(items) < 1000 else "1K<n<10K" if len(items) < 10000 else "10K<n<100K"],
+        tags=[
+            "anomaly-detection",
+            "synthetic",
+            "anomalyxfusion",
+            *(["mvtec"] if terms["mvtec"] else []),
+            *(["toy"] if terms["toy"] else []),
+        ],
+        size_categories=[size_category(len(items))],
         configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}],
     )
+    if terms["license"] == "other":
+        card_data.license_name, card_data.license_link = terms["license_name"], terms["license_link"]
+    typed = [settings["model"], settings["dataset"], output]
+    check_card_data(card_data, typed)
     counts = defaultdict(int)
     for item in items:
         counts[(item.record["category"], item.record["defect_type"])] += 1
     card = DatasetCard.from_template(
         card_data,
-        template_path=str(CARD_TEMPLATE),
-        settings=settings,
-        license_name=license_name,
+        template_str=card_template("axf_pipeline", CARD_TEMPLATE),
+        settings=shown,
+        license_name=terms["license"],
+        toy=terms["toy"],
         counts=[(c, d, n) for (c, d), n in sorted(counts.items())],
         total=len(items),
         output_name=output.name,
         summary=summary_counts,
     )
     text = str(card)
+    check_publishable(text, typed, "synthetic dataset card")
     atomic_write(output / "README.md", lambda tmp: tmp.write_text(text))
 
 

@@ -6,6 +6,7 @@ import argparse
 import os
 from collections.abc import Sequence
 
+from mvtec_caption.cards import check_license_id
 from mvtec_caption.command import command_parser
 
 
@@ -222,7 +223,12 @@ def _output_flags(g) -> None:
     g.add_argument("--hub_token", default=None)
     g.add_argument("--private", action="store_true", help="Create the Hub repo private.")
     g.add_argument("--metrics_file", default=None, help="JSON {metric: value} to put in the model card.")
-    g.add_argument("--license", default="cc-by-nc-sa-4.0", help="Model licence for the card (MVTec's terms).")
+    g.add_argument(
+        "--license",
+        default=None,
+        help="Model licence for the card, a Hub licence id; default: the training data's (MVTec Caption: "
+        "cc-by-nc-sa-4.0; toy data: apache-2.0; a custom set: what its card states, else unknown).",
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -246,6 +252,11 @@ def check_args(args: argparse.Namespace) -> None:
         bad(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}")
     if args.lora_rank < 0:
         bad(f"--lora_rank must be >= 0, got {args.lora_rank}")
+    if args.license is not None:
+        try:
+            check_license_id(args.license)
+        except ValueError as err:
+            bad(str(err))
     if args.lora_rank and args.train_unet == "full":
         bad("--lora_rank and --train_unet full exclude each other: a fully trained UNet needs no LoRA")
     for name in ("loss_mask_weight", "crop_jitter"):

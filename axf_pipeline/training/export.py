@@ -29,7 +29,7 @@ from .model import load_base_pipeline
 
 logger = logging.getLogger(__name__)
 
-CARD_TEMPLATE = Path(__file__).resolve().parents[2] / "cards" / "model_card.md"
+CARD_TEMPLATE = "model_card.md"  # in axf_pipeline/cards/ (package data)
 LORA_DIR = "unet_lora"
 EXPORTS = "exports"
 CURRENT = "current"
@@ -180,25 +180,45 @@ def write_model_card(
     metrics=None,
     name: str | None = None,
 ):
+    """README.md of the exported pipeline: names fit for the Hub (no local path), the licence of the data."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    from mvtec_caption.cards import card_template, check_card_data, check_publishable
+    from mvtec_caption.export import dataset_terms
+
+    from ..publishing import is_local, publishable_name
+
     base = str(args.pretrained_model_name_or_path)
-    is_local = Path(base).exists()
+    terms = dataset_terms(args.dataset_name, args.dataset_config)
+    license = args.license or terms["license"]
+    # A toy: trained on toy data, or a whole UNet from scratch (only ever done on a tiny random base).
+    toy = terms["toy"] or args.train_unet == "full"
     card_data = ModelCardData(
-        license=args.license,
+        license=license,
         library_name="diffusers",
-        base_model=None if is_local else base,
-        datasets=None if Path(args.dataset_name).exists() else [args.dataset_name],
+        base_model=None if is_local(base) else base,
+        datasets=None if is_local(args.dataset_name) else [args.dataset_name],
         pipeline_tag="image-to-image",
-        tags=["anomaly-synthesis", "anomalyxfusion", "industrial-anomaly-detection", "diffusers"],
+        tags=[
+            "anomaly-synthesis",
+            "anomalyxfusion",
+            "industrial-anomaly-detection",
+            "diffusers",
+            *(["mvtec"] if terms["mvtec"] else []),
+            *(["toy"] if toy else []),
+        ],
     )
+    if license == "other" and args.license is None:
+        card_data.license_name, card_data.license_link = terms["license_name"], terms["license_link"]
+    typed = [base, args.image_encoder, args.dataset_name, args.output_dir, getattr(args, "cache_dir", None)]
+    check_card_data(card_data, typed)
     card = ModelCard.from_template(
         card_data,
-        template_path=str(CARD_TEMPLATE),
+        template_str=card_template("axf_pipeline", CARD_TEMPLATE),
         repo_id=args.hub_model_id or name or folder.name,
-        base_model=base,
-        image_encoder=args.image_encoder,
-        dataset=args.dataset_name,
+        base_model=publishable_name(base),
+        image_encoder=publishable_name(args.image_encoder),
+        dataset=publishable_name(args.dataset_name),
         dataset_config=args.dataset_config,
         num_examples=num_examples,
         train_fold=args.train_fold,
@@ -224,10 +244,13 @@ def write_model_card(
         seed=args.seed,
         lora_rank=args.lora_rank,
         fused=args.fuse_lora,
-        synthetic=args.train_unet == "full",
+        toy=toy,
+        data_mvtec=terms["mvtec"],
         metrics=metrics,
-        license=args.license,
+        license=license,
+        license_stated=args.license is not None,
     )
+    check_publishable(str(card), typed, "model card")
     card.save(str(folder / "README.md"))
     return card
 

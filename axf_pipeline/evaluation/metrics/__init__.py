@@ -1,6 +1,6 @@
 """`evaluate` metric modules shipped with the package; load them offline with ``evaluate.load(metric_path(name))``."""
 
-from pathlib import Path
+from importlib import resources
 
 __all__ = ["METRICS", "metric_path"]
 
@@ -11,4 +11,4 @@ def metric_path(name: str) -> str:
     """Local directory of the shipped `evaluate` module ``name`` (``evaluate.load`` takes it offline)."""
     if name not in METRICS:
         raise ValueError(f"unknown metric module {name!r}; shipped: {', '.join(METRICS)}")
-    return str(Path(__file__).resolve().parent / name)
+    return str(resources.files(__name__) / name)
