@@ -69,16 +69,27 @@ def rss_now() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def reset_peak_rss() -> None:
+    """Starts a new peak of this process's RSS (VmHWM)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak RSS, Linux >= 4.0
+
+
+def peak_rss() -> int:
+    """Bytes of this process's peak RSS since :func:`reset_peak_rss` (or its start)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def reset_peak_memory() -> None:
-    """Starts a new peak: CUDA's max allocated when a GPU is in use, else the peak RSS (VmHWM)."""
+    """Starts a new peak: CUDA's max allocated when a GPU is in use, else the peak RSS."""
     import torch
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak RSS (VmHWM), Linux >= 4.0
+        reset_peak_rss()
 
 
 def held_memory() -> int:
@@ -95,5 +106,4 @@ def peak_memory() -> int:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    return peak_rss()

@@ -12,8 +12,8 @@ wall time and peak memory of each stage and a check of the scale defects are gen
 5. **synthesize**: ``axf synthesize`` 2 per defect type with every default (50 steps, guidance 7.5, the default
    generation window).
 6. **evaluate**: ``axf evaluate`` of the result against the real data at its defaults but for the Inception
-   Score (its 10 splits need more than 4 images per category), with ``--random-backbones`` (no Inception/VGG/ResNet weights offline: those scores are marked NOT A REAL SCORE; the
-   figures here are the cost, not the quality).
+   Score (its 10 splits need more than 4 images per category), with ``--random-backbones`` (no Inception, VGG or
+   ResNet weights offline: those scores are marked NOT A REAL SCORE; the figures are the cost, not the quality).
 7. **publish**: the folders ``push`` would upload, hard-linked under ``publish/`` (the model's
    ``exports/current``, the dataset export, the synthetic dataset), scanned for local paths.
 
@@ -23,13 +23,16 @@ window training crops the real defects in (the pipeline's ``mask_crop_region`` a
 pixels per image pixel / training's should be 1. The column "padded box" is what diffusers'
 ``padding_mask_crop=32`` would have given (the issue's ~4.5× for a small defect).
 
-Real size (the default) writes about 17 GB (base, trained pipeline) and takes many minutes on a CPU (most of it
-the 50-step synthesis of 8 anomalies with a 3.4 GB UNet; about 12 GB RAM). ``--smoke`` shrinks the images 16×,
-trains at 32 px and uses the tiny parts (``build_tiny_components``): about a minute, for checking the script.
+Real size (the default) has not been run on the project's 2-core CPU: it writes about 11 GB (the saved base and
+the trained pipeline, 5.4 GB of fp32 weights each), needs about 12 GB of RAM, and should take one to two hours
+there (estimated from bench_real_size_*.py: minutes per 512 px training step, and the 50-step synthesis of 8
+anomalies with a 3.4 GB UNet dominates). On a GPU it should take a few minutes, most of it building and saving
+the random parts. ``--smoke`` shrinks the images 16×, trains at 32 px and uses the tiny parts
+(``build_tiny_components``): about a minute, to check the script end to end; its figures are not real ones.
 
     python benchmarks/bench_user_path.py                      # real size, CPU (or the GPU when there is one)
     python benchmarks/bench_user_path.py --device cuda
-    python benchmarks/bench_user_path.py --smoke --output benchmarks/results/user_path/smoke
+    python benchmarks/bench_user_path.py --smoke             # -> benchmarks/results/user_path/<date>-smoke/
 
 Output: ``results.json`` and ``results.md`` under ``--output`` (default ``benchmarks/results/user_path/<date>/``);
 the work folder (``--work``, default a temporary one) is removed unless ``--keep``.
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import os
 import platform
@@ -114,25 +118,39 @@ def make_tree(root: Path, scale: float, seed: int = 0) -> tuple[Path, dict]:
 
 # ---------------------------------------------------------------------------- measuring a stage
 class Stages:
-    """Runs each stage in this process and records its wall time and peak memory (RSS, or CUDA allocated)."""
+    """Runs each stage in this process and records its wall time, its peak RSS and, on a GPU, its peak CUDA
+    allocation (each reset before the stage; the RSS peak starts from what earlier stages left resident)."""
 
-    def __init__(self):
+    def __init__(self, cuda: bool):
         self.rows: list[dict] = []
+        self.cuda = cuda
 
     def run(self, name: str, what: str, fn):
-        from _timing import peak_memory, reset_peak_memory, sync
+        import torch
+        from _timing import peak_rss, reset_peak_rss, sync
 
         print(f"[user path] {name}: {what}", flush=True)
-        reset_peak_memory()
+        gc.collect()
+        reset_peak_rss()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
         result = fn()
         sync()
-        seconds = time.perf_counter() - started
-        self.rows.append({"stage": name, "what": what, "seconds": seconds, "peak_bytes": peak_memory()})
-        print(
-            f"[user path] {name}: {seconds:.1f} s, peak {self.rows[-1]['peak_bytes'] / 2**30:.2f} GiB",
-            flush=True,
+        row = {
+            "stage": name,
+            "what": what,
+            "seconds": time.perf_counter() - started,
+            "peak_rss_bytes": peak_rss(),
+        }
+        if self.cuda:
+            row["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+        self.rows.append(row)
+        peaks = ", ".join(
+            f"{k.removesuffix('_bytes')} {v / 2**30:.2f} GiB" for k, v in row.items() if k.startswith("peak")
         )
+        print(f"[user path] {name}: {row['seconds']:.1f} s, {peaks}", flush=True)
         return result
 
 
@@ -252,7 +270,7 @@ def local_paths(folders: dict[str, Path], needles: list[str]) -> list[str]:
 # ---------------------------------------------------------------------------- report
 def markdown(result: dict) -> str:
     gib = 1 / 2**30
-    kind = "CUDA max allocated" if result["device"] == "cuda" else "peak RSS of the process"
+    cuda = result["device"] == "cuda"
     lines = [
         f"# The user's path{' (SMOKE: tiny parts, shrunk images; not real figures)' if result['smoke'] else ' at real size'}",
         "",
@@ -260,10 +278,17 @@ def markdown(result: dict) -> str:
         f"Images: {', '.join(f'{c} {w}×{h}' for c, (w, h) in result['image_sizes'].items())}; training resolution "
         f"{result['resolution']}, generation size {result['generation_size']}; {result['parts']}.",
         "",
-        f"| stage | what | wall s | peak GiB ({kind}) |",
-        "|---|---|---|---|",
-        *(f"| {r['stage']} | {r['what']} | {r['seconds']:.1f} | {r['peak_bytes'] * gib:.2f} |" for r in result["stages"]),
-        f"| **total** | | {sum(r['seconds'] for r in result['stages']):.1f} | |",
+        f"| stage | what | wall s | peak RSS GiB |{' peak CUDA allocated GiB |' if cuda else ''}",
+        f"|---|---|---|---|{'---|' if cuda else ''}",
+        *(
+            f"| {r['stage']} | {r['what']} | {r['seconds']:.1f} | {r['peak_rss_bytes'] * gib:.2f} |"
+            + (f" {r['peak_cuda_bytes'] * gib:.2f} |" if cuda else "")
+            for r in result["stages"]
+        ),
+        f"| **total** | | {sum(r['seconds'] for r in result['stages']):.1f} | |{' |' if cuda else ''}",
+        "",
+        "Peak RSS: this one process (every stage runs in it), reset before each stage; it includes what earlier "
+        "stages left resident.",
         "",
         "Scale of the generated defects (native pixels; medians per defect type; generator-fold real masks):",
         "",
@@ -284,7 +309,7 @@ def markdown(result: dict) -> str:
             f"{r['padded_box_scale_ratio']:.2f} |"
         )
     lines += ["", f"Scale check: {'holds' if result['scale_holds'] else 'FAILS'} (every ratio within 5 % of 1).",
-              f"Local paths in the publish folders: {result['local_paths'] or 'none'}.", ""]  # fmt: skip
+              f"Published files holding a local path (the work folder's): {result['local_paths'] or 'none'}.", ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -315,7 +340,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     scale = args.size_scale or (1 / 16 if args.smoke else 1.0)
-    resolution = 32 if args.smoke else 512
+    resolution = max(32, round(512 * scale / 8) * 8) if args.smoke else 512  # smoke: 32 at 1/16
     today = dt.date.today().isoformat()
     output = args.output or Path(__file__).parent / "results" / "user_path" / (
         today + ("-smoke" if args.smoke else "")
@@ -323,7 +348,7 @@ def main(argv=None) -> dict:
     work = args.work or Path(tempfile.mkdtemp(prefix="axf_user_path_"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HOME", str(work / "hf_home"))  # the datasets cache stays in the work folder
-    stages = Stages()
+    stages = Stages(cuda=device == "cuda")
     try:
         tree = work / "tree"
         captions, _ = stages.run("tree", "write the MVTec-layout tree + captions JSON",
