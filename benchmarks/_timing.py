@@ -1,8 +1,9 @@
 """Shared timing for the benchmarks: alternate the two sides (A B B A …) so drift and other load fall on
-both, and report the median and best-of ratio. Also peak resident memory of this process."""
+both, and report the median and best-of ratio. Also peak memory of this process (RSS, or CUDA allocated)."""
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import sys
@@ -60,3 +61,49 @@ def report(
 def peak_rss_gb() -> float:
     """Peak resident set size of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def rss_now() -> int:
+    """Resident bytes of this process now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> None:
+    """Starts a new peak of this process's RSS (VmHWM)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak RSS, Linux >= 4.0
+
+
+def peak_rss() -> int:
+    """Bytes of this process's peak RSS since :func:`reset_peak_rss` (or its start)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def reset_peak_memory() -> None:
+    """Starts a new peak: CUDA's max allocated when a GPU is in use, else the peak RSS."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_rss()
+
+
+def held_memory() -> int:
+    """Bytes held now: CUDA allocated on a GPU, else this process's RSS."""
+    import torch
+
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else rss_now()
+
+
+def peak_memory() -> int:
+    """Bytes at the peak since :func:`reset_peak_memory`: CUDA max allocated on a GPU, else peak RSS."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return peak_rss()

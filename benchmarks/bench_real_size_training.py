@@ -24,13 +24,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import time
 
 import torch
-from _timing import alternate, report
+from _timing import alternate, held_memory, peak_memory, report, reset_peak_memory
 from bench_training import baseline_step, make_batch, ours_step
 
 from axf_pipeline.tiny import build_sd15_components
@@ -125,32 +124,6 @@ def time_main(args) -> dict:
 # ----------------------------------------------------------------------------- memory (item 4)
 
 
-def _rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak RSS (VmHWM), Linux ≥ 4.0
-
-
-def _held() -> int:
-    return torch.cuda.memory_allocated() if torch.cuda.is_available() else _rss_now()
-
-
-def _peak() -> int:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
 def one_lever_set(args) -> dict:
     """Runs in its own process: builds, applies the levers, measures one training step of ours."""
     torch.set_num_threads(args.threads)
@@ -179,12 +152,12 @@ def one_lever_set(args) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    before = _held()  # the first step's peak also holds the AdamW state it creates
-    _reset_peak()
+    before = held_memory()  # the first step's peak also holds the AdamW state it creates
+    reset_peak_memory()
     t0 = time.perf_counter()
     step(0)
     seconds = time.perf_counter() - t0
-    peak = _peak()
+    peak = peak_memory()
     opt_state = nbytes(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
     return {
         "lever": args.lever,
