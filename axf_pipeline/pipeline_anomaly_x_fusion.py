@@ -31,6 +31,7 @@ from . import image_processing as ip
 from . import remote_code
 from .conditioning import cross_attention_states, encode_reference, encode_text, x_embedding
 from .models import DynamicDifFusion, MultiModalInFusion
+from .publishing import drop_local_paths
 
 logger = logging.get_logger(__name__)
 
@@ -225,8 +226,6 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs):
         """diffusers' saver; pickle weights are refused here, since :meth:`from_pretrained` would refuse them.
         The saved configs name no local folder, so the folder can be pushed as it is."""
-        from .publishing import drop_local_paths
-
         if not safe_serialization:
             raise ValueError(f"{self._SAFETENSORS_ONLY}: save_pretrained(safe_serialization=False) refused")
         super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
@@ -235,8 +234,6 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
     def _upload_folder(self, working_dir, *args, **kwargs):
         """diffusers' upload (``push_to_hub``, ``save_pretrained(push_to_hub=True)``), of configs that name no
         local folder."""
-        from .publishing import drop_local_paths
-
         drop_local_paths(working_dir)
         return super()._upload_folder(working_dir, *args, **kwargs)
 

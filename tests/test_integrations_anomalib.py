@@ -28,6 +28,7 @@ from axf_pipeline.integrations.anomalib import (  # noqa: E402
     draem_with_synthetic,
     load_synthetic,
 )
+from axf_pipeline.publishing import publishable_name  # noqa: E402
 from axf_pipeline.tiny import build_tiny_components  # noqa: E402
 from mvtec_caption import export_dataset  # noqa: E402
 
@@ -77,7 +78,7 @@ def test_parquet_and_mvtec_folder_give_the_same_anomalies_with_provenance(toy, p
     assert pool.provenance["defect_types"] == folder.provenance["defect_types"]
     assert set(pool.provenance["defect_types"].values()) == {PER_TYPE}
     for p in (pool, folder):  # from the Parquet's columns / the card beside the folder; never a local path
-        assert p.provenance["model"] == "model" and p.provenance["seed"] == 0
+        assert p.provenance["model"] == publishable_name(toy / "model") and p.provenance["seed"] == 0
     images = sorted(s.load_image().tobytes() for s in pool.samples)
     assert images == sorted(s.load_image().tobytes() for s in folder.samples)
 
@@ -245,7 +246,8 @@ def test_evaluate_detector_anomalib_draem_fits_and_tests_with_anomalibs_engine(t
     assert (
         record["synthetic_fraction"] == 0.5 and record["augmenter_seed"] == 3 and record["global_seed"] == 3
     )
-    assert record["synthetic_set"]["model"] == "model" and record["synthetic_set"]["seed"] == 0
+    assert record["synthetic_set"]["model"] == publishable_name(toy / "model")
+    assert record["synthetic_set"]["seed"] == 0
     assert sum(record["drawn"].values()) == 5  # one epoch: one batch of the five real train normals
     assert str(tmp_path) not in (out / "report.json").read_text()
     written = sorted((out / "work" / "runs").rglob("synthetic_anomalies.json"))

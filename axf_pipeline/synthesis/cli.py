@@ -119,6 +119,7 @@ def _run(args: argparse.Namespace, pipe=None) -> int:
     from . import export
     from .core import (
         SynthesisError,
+        check_content,
         check_model,
         check_output,
         check_padding_mask_crop,
@@ -138,11 +139,15 @@ def _run(args: argparse.Namespace, pipe=None) -> int:
             raise SynthesisError(f"{flag} must be at least 1, got {value}")
     check_padding_mask_crop(args.padding_mask_crop)
     check_model(args.model)
+    local = {"--model": model_fingerprint(args.model)}
+    if Path(args.dataset).exists():  # before loading it: datasets would first convert a changed one
+        local["--dataset"] = dataset_fingerprint(args.dataset)
+    check_content(args.output, local)
     source = SourceData(args.dataset, args.config)
     pairs = select(source, args.categories, args.defect_types)
     textures = texture_categories_of(source, args.texture_categories)
     categories = sorted({c for c, _ in pairs})
-    content = {"--model": model_fingerprint(args.model), "--dataset": dataset_fingerprint(args.dataset)}
+    content = {**local, "--dataset": dataset_fingerprint(args.dataset)}
     settings = settings_of(args, categories, sorted({d for _, d in pairs}), content, textures)
     items = plan_items(
         source, pairs, args.num_per_defect_type, args.seed, args.prompt, not args.no_reference,

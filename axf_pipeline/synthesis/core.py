@@ -189,6 +189,28 @@ def _is_ours_tmp(path: Path) -> bool:
     return path.name.startswith(".") and _TMP in path.name
 
 
+def check_content(output: Path, content: dict) -> None:
+    """Refuse to resume ``output`` when the content of a model or dataset it was made from changed: checked
+    from the fingerprints in ``content`` alone, before the dataset is even loaded. A missing or unreadable
+    record, and fingerprints not given here, are left to :func:`check_output`."""
+    try:
+        recorded = json.loads((output / MARKER).read_text())
+    except (OSError, ValueError):
+        return
+    then = (recorded.get("settings") or {}).get("content") or {}
+    _compare_content(output, {k: then[k] for k in content if k in then}, content)
+
+
+def _compare_content(output: Path, then: dict, now: dict) -> None:
+    for what in sorted(set(then) | set(now)):
+        if then.get(what) != now.get(what):
+            raise SynthesisError(
+                f"Refusing to resume {output}: the content of {what} changed since it was made "
+                f"({_short(then.get(what))} then, {_short(now.get(what))} now); rerun with the same "
+                f"{what} or choose another --output"
+            )
+
+
 def check_output(output: Path, command: str, settings: dict, expected: Iterable[str]) -> None:
     """Refuse an output folder holding files this command (with these settings) would not write."""
     if output.exists() and not output.is_dir():
@@ -211,14 +233,7 @@ def check_output(output: Path, command: str, settings: dict, expected: Iterable[
             f"Refusing to write into {output}: it was written by `{recorded.get('command')}`, not `{command}`"
         )
     old = recorded.get("settings", {})
-    then, now = old.get("content") or {}, settings.get("content") or {}
-    for what in sorted(set(then) | set(now)):
-        if then.get(what) != now.get(what):
-            raise SynthesisError(
-                f"Refusing to resume {output}: the content of {what} changed since it was made "
-                f"({_short(then.get(what))} then, {_short(now.get(what))} now); rerun with the same "
-                f"{what} or choose another --output"
-            )
+    _compare_content(output, old.get("content") or {}, settings.get("content") or {})
     if changed := sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k)):
         name = changed[0]
         raise SynthesisError(
