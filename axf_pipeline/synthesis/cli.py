@@ -147,7 +147,7 @@ def _run(args: argparse.Namespace, pipe=None) -> int:
     pairs = select(source, args.categories, args.defect_types)
     textures = texture_categories_of(source, args.texture_categories)
     categories = sorted({c for c, _ in pairs})
-    content = {**local, "--dataset": dataset_fingerprint(args.dataset)}
+    content = {**local, "--dataset": local.get("--dataset") or dataset_fingerprint(args.dataset)}
     settings = settings_of(args, categories, sorted({d for _, d in pairs}), content, textures)
     items = plan_items(
         source, pairs, args.num_per_defect_type, args.seed, args.prompt, not args.no_reference,

@@ -168,6 +168,13 @@ class AnomalyTrainingDataset(torch.utils.data.Dataset):
         for i, key in enumerate(zip(meta["category"], meta["defect_type"], strict=True)):
             self.groups[key].append(i)
             self.group_of.append(key)
+        # rows of the other defect types of the same category: the draws of --reference_mismatch_prob
+        self.other_types: dict[tuple[str, str], list[int]] = {
+            key: [
+                j for other, rows in self.groups.items() if other[0] == key[0] and other != key for j in rows
+            ]
+            for key in self.groups
+        }
         self.paths = meta.get("path") or [f"row {i}" for i in range(len(dataset))]
         # Decoded images and masks, kept until the budget is spent: each example is read twice per step
         # (as the item and as another's reference), and PNG decoding was 15 % of a tiny model's step.
@@ -224,13 +231,10 @@ class AnomalyTrainingDataset(torch.utils.data.Dataset):
     def _reference_of(self, index: int, rng: np.random.Generator, mismatched: bool) -> int:
         """Another anomaly of the same defect type, or (``mismatched``) of another type of the same category
         when the category has one."""
-        category, defect_type = self.group_of[index]
-        if mismatched:
-            others = [
-                j for (c, d), rows in self.groups.items() if c == category and d != defect_type for j in rows
-            ]
-        if not mismatched or not others:
-            group = self.groups[(category, defect_type)]
+        key = self.group_of[index]
+        others = self.other_types[key] if mismatched else []
+        if not others:
+            group = self.groups[key]
             others = [j for j in group if j != index] or group
         return others[int(rng.integers(len(others)))]
 
