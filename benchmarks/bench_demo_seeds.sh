@@ -21,4 +21,16 @@ for s in "${seeds[@]}"; do
   cp "$work/seed$s"/grids/*.png "$work/seed$s"/downstream/*/maps.png "$out.tmp/seed$s/"
 done
 rm -rf "$out" && mv "$out.tmp" "$out"
-echo "written: $out"
+# the README's picture: the first seed's grid, one row per caption (the grid has two per caption)
+python - "$out/seed${seeds[0]}/all_AnomalyXFusion.png" docs/assets/demo_seed0.png <<'PY'
+import sys
+from PIL import Image
+grid = Image.open(sys.argv[1])
+row = grid.height // 16
+picture = Image.new("RGB", (grid.width, 8 * row))
+for i in range(8):
+    picture.paste(grid.crop((0, 2 * i * row, grid.width, (2 * i + 1) * row)), (0, i * row))
+picture.save(sys.argv[2] + ".tmp.png")
+PY
+mv docs/assets/demo_seed0.png.tmp.png docs/assets/demo_seed0.png
+echo "written: $out, docs/assets/demo_seed0.png"
