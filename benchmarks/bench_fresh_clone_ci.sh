@@ -21,7 +21,7 @@ mkdir -p "$root/$(dirname "$out")"
   echo "# $(nproc) cores; load at the end $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "exit code: $rc"
   echo "wall time: $((ended - started)) s"
-  grep -aE "^=+ .*(passed|failed).* =+$" "$tmp/log.txt" | tail -n 1
+  grep -aE "[0-9]+ (passed|failed)" "$tmp/log.txt" | tail -n 1
   echo
   echo "## slowest tests"
   sed -n '/slowest .* durations/,/^=/p' "$tmp/log.txt" | head -n 20
