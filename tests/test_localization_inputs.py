@@ -142,3 +142,98 @@ def test_image_score_window_counts_the_zero_padding_at_the_border():
     maps[1, 20, 20] = 0.9  # normal: 0.9 / 441
     assert localization_metrics(maps, masks).image_auroc == 1.0
     assert localization_metrics(maps, masks, kernel_size=1).image_auroc == 0.0  # the raw maximum
+
+
+def test_merge_every_bounds_the_pending_tables_and_merges_no_earlier():
+    """``merge_every`` is the memory knob: the per-image tables are merged as soon as more than that many
+    entries are pending (two or more tables), never before. Four images of 10 distinct scores each, none
+    shared, so every table adds 10 entries and a merge keeps them all."""
+    maps = np.arange(4 * 10, dtype=np.float32).reshape(4, 1, 10) / 40
+    masks = np.zeros((4, 1, 10), np.uint8)
+    masks[1, 0, 3] = masks[3, 0, 7] = 1
+    merged_sizes = []
+    real_merge = CurveCounts.merge.__func__
+
+    def spy(cls, parts):
+        merged_sizes.append(len(parts))
+        return real_merge(cls, parts)
+
+    want = localization_metrics(maps, masks).to_dict()
+    for merge_every, sizes in [
+        (20, [3, 2, 1]),  # 10, 20 (not more than 20), 30 -> merge 3; 30 + 10 -> merge 2; last: 1 table
+        (5, [2, 2, 2, 1]),  # more than 5 after each image, but one table alone is never "merged"
+        (40, [4]),  # 40 entries in the end: never more than 40 pending, one merge at the end
+        (39, [4, 1]),  # 40 > 39 pending after the last image: merged in the loop, then nothing left to do
+    ]:
+        merged_sizes.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(CurveCounts, "merge", classmethod(spy))
+            result = localization_metrics(maps, masks, merge_every=merge_every)
+        assert merged_sizes == sizes, merge_every
+        assert result.to_dict() == want
+        assert result.pixel_counts.values.size == 40
+
+
+def test_one_pixel_high_maps_and_a_lone_map_keep_their_images():
+    """A leading axis of 1 is squeezed only where it is the channel of an (N, 1, H, W) batch or of one
+    (1, H, W) map: maps one pixel high stay N images, a lone (H, W) map is one image."""
+    rng = np.random.default_rng(2)
+    rows = rng.random((4, 1, 30)).astype(np.float32)  # N = 4 images, each 1 x 30
+    masks = np.zeros((4, 1, 30), np.uint8)
+    masks[1, 0, 5:9] = masks[2, 0, 20:22] = 1
+    rows[1, 0, 5:9] += 0.4
+    want = localization_metrics(rows, masks)
+    assert (want.n_images, want.n_anomalous_images, want.n_pixels) == (4, 2, 120)
+    assert localization_metrics(list(rows), list(masks)).to_dict() == want.to_dict()  # (1, W) each
+    assert localization_metrics(torch.tensor(rows), torch.tensor(masks)).to_dict() == want.to_dict()
+    # the same maps as columns: the square window and the pixel pool do not care about the orientation
+    columns = localization_metrics(rows.transpose(0, 2, 1), masks.transpose(0, 2, 1))
+    assert columns.to_dict() == want.to_dict()
+    # a lone (H, W) map is one image: refused for what it lacks, not for its shape
+    maps, masks = _case()
+    for form in (maps[1], torch.tensor(maps[1])):
+        with pytest.raises(ValueError, match=r"^the test set has no normal image"):
+            localization_metrics(form, masks[1])
+    with pytest.raises(ValueError, match=r"^the test set has no anomalous image"):
+        localization_metrics(maps[0], masks[0])
+
+
+def test_tensors_with_bad_shapes_get_the_arrays_messages():
+    maps, masks = _case()
+    with pytest.raises(
+        ValueError, match=r"^anomaly_maps must be \(N, H, W\) or \(N, 1, H, W\); got shape \(4, 2, 24, 24\)$"
+    ):
+        localization_metrics(torch.tensor(np.stack([maps, maps], 1)), masks)
+    with pytest.raises(ValueError, match=r"^masks must be \(N, H, W\) or \(N, 1, H, W\); got shape \(24,\)$"):
+        localization_metrics(maps, torch.tensor(masks[0, 0]))
+    with pytest.raises(
+        ValueError, match=r"^anomaly map 2 has shape \(24, 23\) but mask 2 has shape \(24, 24\)\.$"
+    ):
+        localization_metrics([maps[0], maps[1], maps[2][:, :-1], maps[3]], masks)
+
+
+def test_integer_and_float64_maps_score_as_their_float32_values():
+    """Quantised maps (uint8, 0-255) and float64 maps are read as float32, the precision the metrics compare
+    in: the same numbers in any of these dtypes give identical results, the image score included."""
+    maps, masks = _case()
+    quantised = np.round(maps / maps.max() * 255).astype(np.uint8)
+    want = localization_metrics(quantised.astype(np.float32), masks).to_dict()
+    assert localization_metrics(quantised, masks).to_dict() == want
+    assert localization_metrics(torch.tensor(quantised), masks).to_dict() == want
+    assert image_scores(list(quantised)).tolist() == image_scores(list(quantised.astype(np.float32))).tolist()
+    fine = maps.astype(np.float64) / 3  # not exactly representable: float32 rounding decides
+    assert image_scores(list(fine)).tolist() == image_scores(list(fine.astype(np.float32))).tolist()
+    assert (
+        localization_metrics(fine, masks).to_dict()
+        == localization_metrics(fine.astype(np.float32), masks).to_dict()
+    )
+
+
+def test_the_counts_a_result_carries_are_integer_counts():
+    maps, masks = _case()
+    result = localization_metrics(maps, masks)
+    for counts in (result.pixel_counts, result.image_counts):
+        assert counts.positives.dtype == np.int64 and counts.negatives.dtype == np.int64
+        assert counts.values.dtype == np.float32
+    single = CurveCounts.from_scores([0.2, 0.2, 0.5], [True, False, True])
+    assert single.positives.dtype == np.int64 and single.negatives.dtype == np.int64

@@ -388,3 +388,20 @@ def test_contact_sheet_tints_masks_on_gray_rgb_and_rgba_normals_four_per_row():
     ).all()  # empty cells white
     with pytest.raises(ValueError):
         contact_sheet(normals, masks[:-1])  # a mask for every normal
+
+
+def test_a_long_thin_mask_is_never_cut_by_the_sampling_window():
+    """The transformed mask is drawn in a window that must hold it whole at any scale and under the full
+    warp: a 41-pixel line (as long as its box's diagonal, the window's radius) at scale 1.25 is 51 pixels
+    long, and moved by the full slack (2.46 pixels) it keeps all 41 pixels."""
+    line = np.zeros((100, 100), bool)
+    line[30:71, 50] = True
+    sampler = MaskSampler([line], texture=True, area_margin=2.0)
+    big = sampler.sample(
+        ScriptedRng(*draws(scale=1.0, centre=(50, 50), canvas=(100, 100))), (100, 100), source=0
+    )[0]
+    assert np.array_equal(big, paste(np.ones((51, 1), bool), (50, 50), (100, 100)))
+    for fraction, shift in ((0.0, 2), (1.0, -2)):
+        rng = ScriptedRng(*draws(warp=(fraction, 0.5), centre=(50, 50), canvas=(100, 100)))
+        moved = sampler.sample(rng, (100, 100), source=0)[0]
+        assert np.array_equal(moved, paste(np.ones((41, 1), bool), (50 + shift, 50), (100, 100))), fraction
