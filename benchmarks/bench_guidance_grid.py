@@ -145,10 +145,15 @@ def main() -> int:
         run: {k: {kk: vv for kk, vv in v.items() if kk != "example"} for k, v in m.items()}
         for run, m in per_run.items()
     }
-    (args.output / "grid.json").write_text(json.dumps({"runs": [str(r) for r in args.runs], "per_run": raw,
-                                                       "score": score, "chosen": chosen}, indent=2))  # fmt: skip
-    (args.output / "grid.md").write_text("\n".join(lines) + "\n")
-    picture(per_run, grid, args.output / "grid.png")
+    report = json.dumps(
+        {"runs": [str(r) for r in args.runs], "per_run": raw, "score": score, "chosen": chosen}, indent=2
+    )
+    for name, text in (("grid.json", report), ("grid.md", "\n".join(lines) + "\n")):
+        tmp = args.output / f".{name}.tmp"  # every output under a temporary name, then renamed into place
+        tmp.write_text(text)
+        tmp.replace(args.output / name)
+    picture(per_run, grid, args.output / ".grid.tmp.png")
+    (args.output / ".grid.tmp.png").replace(args.output / "grid.png")
     print("\n".join(lines))
     return 0
 
