@@ -25,16 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from axf_pipeline.demo.measure import read_defect  # noqa: E402
 from axf_pipeline.demo.toy_data import CATEGORY, COLOURS  # noqa: E402
+from axf_pipeline.demo.vae import to_model_input, to_uint8  # noqa: E402
 
 STRENGTHS = (0.5, 0.7, 0.85, 1.0)
-
-
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
-
-
-def to_image(x: torch.Tensor) -> np.ndarray:
-    return ((x[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
 
 
 @torch.no_grad()
@@ -52,10 +45,10 @@ def halfway(folder: Path, per_type: int) -> dict:
             mask = np.asarray(Image.open(mask_path))
             normal = image.copy()
             normal[mask > 0] = 128
-            z, z0 = (vae.encode(to_tensor(x)).latent_dist.mode() for x in (image, normal))
+            z, z0 = (vae.encode(to_model_input(x)).latent_dist.mode() for x in (image, normal))
             for a in STRENGTHS:
                 read[colour][str(a)].append(
-                    read_defect(to_image(vae.decode(z0 + a * (z - z0)).sample), normal, mask)[0]
+                    read_defect(to_uint8(vae.decode(z0 + a * (z - z0)).sample), normal, mask)[0]
                 )
     return {
         colour: {a: {"right": float(np.mean([r == colour for r in rs])), "read": sorted(set(rs))} for a, rs in by_a.items()}

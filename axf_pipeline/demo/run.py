@@ -126,13 +126,12 @@ def tiny_base(
     if ceiling < VAE_MIN_CEILING:
         log(f"WARNING: the VAE caps controllability at {ceiling:.2f}; raise --vae_steps")
     if clip_steps:
-        images, masks, captions = (list(x) for x in zip(*defects, strict=True))
         losses = pretrain_clip(
             components["text_encoder"], components["tokenizer"], components["image_encoder"],
-            components["feature_extractor"], captions, images, masks, steps=clip_steps, seed=seed,
+            components["feature_extractor"], defect_captions, defect_images, defect_masks, steps=clip_steps, seed=seed,
         )  # fmt: skip
         log(
-            f"CLIP towers pre-trained on {len(images)} captioned defects: loss {losses[0]:.3f} -> {np.mean(losses[-20:]):.3f}"
+            f"CLIP towers pre-trained on {len(defect_images)} captioned defects: loss {losses[0]:.3f} -> {np.mean(losses[-20:]):.3f}"
         )
     return save_tiny_base(work / "base", components)
 

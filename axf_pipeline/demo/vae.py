@@ -117,6 +117,16 @@ def _fix_posterior_variance(vae, logvar: float = -30.0) -> None:
     conv.bias[half:] = logvar
 
 
+def to_model_input(image: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 -> a (1, 3, H, W) batch in [-1, 1], what the VAE takes."""
+    return torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """The first image of a VAE output batch, back to uint8 HxWx3."""
+    return ((x[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+
+
 @torch.no_grad()
 def reconstruction_accuracy(
     vae, images: list[np.ndarray], masks: list[np.ndarray], truth: list[tuple[str, str]]
@@ -128,9 +138,7 @@ def reconstruction_accuracy(
     vae.eval()
     ok = 0
     for image, mask, expected in zip(images, masks, truth, strict=True):
-        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
-        recon = vae.decode(vae.encode(x).latent_dist.mode()).sample[0]
-        recon = ((recon.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+        recon = to_uint8(vae.decode(vae.encode(to_model_input(image)).latent_dist.mode()).sample)
         background = image.copy()
         background[mask > 0] = 128  # the reader compares with a normal image; grey inside the mask
         ok += read_defect(recon, background, mask)[:2] == tuple(expected)
