@@ -313,7 +313,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--smoke", action="store_true", help="images 16x smaller, 32 px training, tiny parts (~1 min)"
@@ -326,14 +326,79 @@ def main(argv=None) -> dict:
     p.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def run_user_path(
+    stages: Stages, work: Path, smoke: bool, scale: float, resolution: int, device: str
+) -> dict:
+    """The user's path, one timed stage each: tree, dataset, base, train, synthesize, evaluate, publish."""
+    from axf_pipeline.tiny import build_sd15_components, build_tiny_components, save_tiny_base
+
+    tree = work / "tree"
+    captions, _ = stages.run("tree", "write the MVTec-layout tree + captions JSON",
+                             lambda: make_tree(tree, scale))  # fmt: skip
+    export = work / "mvtec_caption"
+    stages.run("dataset", "axf dataset build --config custom; axf dataset check", lambda: (
+        cli(["dataset", "build", "--config", "custom", "--name", "mine", "--data-dir", tree, "--captions", captions,
+             "--output", export, "--cache-dir", work / "cache"]),
+        cli(["dataset", "check", export]),
+    ))  # fmt: skip
+
+    def base():
+        if smoke:
+            c = build_tiny_components(sample_size=resolution, words=WORDS, scheduler="ddpm")
+        else:
+            c = build_sd15_components(words=WORDS, scheduler="ddpm")
+        return save_tiny_base(work / "parts", c)
+
+    parts = "tiny parts (build_tiny_components)" if smoke else "SD-1.5-shaped parts, random weights"
+    base_dir, encoder_dir = stages.run("base", f"build and save {parts} (Hub layout)", base)
+    run_dir = work / "run"
+    train_argv = [
+        "train", "--pretrained_model_name_or_path", base_dir, "--image_encoder", encoder_dir,
+        "--dataset_name", export, "--dataset_config", "mine", "--output_dir", run_dir,
+        "--resolution", resolution, "--lora_rank", 4, "--train_batch_size", 1, "--max_train_steps", 2,
+        "--checkpointing_steps", 1, "--gradient_checkpointing", "--validation_steps", 0, "--seed", 0,
+        *(["--mixed_precision", "fp16"] if device == "cuda" else []),
+    ]  # fmt: skip
+    stages.run("train", f"axf train: 2 steps at {resolution}, LoRA 4, gradient checkpointing, export",
+               lambda: cli(train_argv))  # fmt: skip
+    synthetic = work / "synthetic"
+    stages.run("synthesize", "axf synthesize 2 per defect type, every default", lambda: cli([
+        "synthesize", "--model", run_dir, "--dataset", export, "--config", "mine", "--num-per-defect-type", 2,
+        "--output", synthetic, "--no-progress"]))  # fmt: skip
+    evaluate_argv = ["evaluate", "--real", export, "--real-config", "mine", "--generated", f"axf={synthetic}",
+                     "--output", work / "evaluation", "--random-backbones", "--device", device, "--no-progress",
+                     "--metrics", "ic_lpips", "localization", "classification"]  # fmt: skip
+    if smoke:  # the detector's cost does not depend on the generator: small in the smoke run
+        evaluate_argv += ["--resolution", 32, "--epochs", 1, "--classifier-resolution", 64,
+                          "--classifier-epochs", 1, "--unet-channels", 8, "--unet-depth", 3,
+                          "--lpips-resolution", 32]  # fmt: skip
+    stages.run("evaluate", "axf evaluate (random backbones: cost only)", lambda: cli(evaluate_argv))
+    folders = stages.run("publish", "the folders push would upload (hard links)",
+                         lambda: publish_folders(work, run_dir, export, synthetic))  # fmt: skip
+
+    unet_config = json.loads((folders["model"] / "unet" / "config.json").read_text())
+    vae_config = json.loads((folders["model"] / "vae" / "config.json").read_text())
+    generation_size = unet_config["sample_size"] * 2 ** (len(vae_config["block_out_channels"]) - 1)
+    scale_rows = scale_check(synthetic, tree, resolution, generation_size)
+    return {
+        "parts": parts, "generation_size": generation_size, "scale": scale_rows,
+        "scale_holds": all(abs(r["scale_ratio"] - 1) <= 0.05 for r in scale_rows),
+        "local_paths": local_paths(folders, sorted({str(work), str(work.resolve())})),
+        "evaluation": json.loads((work / "evaluation" / "report.json").read_text()),
+    }  # fmt: skip
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # accelerate (training, synthesis) then picks the CPU as well
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ[name] = "1"
     import torch
 
-    from axf_pipeline.tiny import build_sd15_components, build_tiny_components, save_tiny_base
     from mvtec_caption._io import atomic_write
 
     if args.threads:
@@ -350,68 +415,18 @@ def main(argv=None) -> dict:
     os.environ.setdefault("HF_HOME", str(work / "hf_home"))  # the datasets cache stays in the work folder
     stages = Stages(cuda=device == "cuda")
     try:
-        tree = work / "tree"
-        captions, _ = stages.run("tree", "write the MVTec-layout tree + captions JSON",
-                                 lambda: make_tree(tree, scale))  # fmt: skip
-        export = work / "mvtec_caption"
-        stages.run("dataset", "axf dataset build --config custom; axf dataset check", lambda: (
-            cli(["dataset", "build", "--config", "custom", "--name", "mine", "--data-dir", tree, "--captions", captions,
-                 "--output", export, "--cache-dir", work / "cache"]),
-            cli(["dataset", "check", export]),
-        ))  # fmt: skip
-
-        def base():
-            if args.smoke:
-                c = build_tiny_components(sample_size=resolution, words=WORDS, scheduler="ddpm")
-            else:
-                c = build_sd15_components(words=WORDS, scheduler="ddpm")
-            return save_tiny_base(work / "parts", c)
-
-        parts = "tiny parts (build_tiny_components)" if args.smoke else "SD-1.5-shaped parts, random weights"
-        base_dir, encoder_dir = stages.run("base", f"build and save {parts} (Hub layout)", base)
-        run_dir = work / "run"
-        train_argv = [
-            "train", "--pretrained_model_name_or_path", base_dir, "--image_encoder", encoder_dir,
-            "--dataset_name", export, "--dataset_config", "mine", "--output_dir", run_dir,
-            "--resolution", resolution, "--lora_rank", 4, "--train_batch_size", 1, "--max_train_steps", 2,
-            "--checkpointing_steps", 1, "--gradient_checkpointing", "--validation_steps", 0, "--seed", 0,
-            *(["--mixed_precision", "fp16"] if device == "cuda" else []),
-        ]  # fmt: skip
-        stages.run("train", f"axf train: 2 steps at {resolution}, LoRA 4, gradient checkpointing, export",
-                   lambda: cli(train_argv))  # fmt: skip
-        synthetic = work / "synthetic"
-        stages.run("synthesize", "axf synthesize 2 per defect type, every default", lambda: cli([
-            "synthesize", "--model", run_dir, "--dataset", export, "--config", "mine", "--num-per-defect-type", 2,
-            "--output", synthetic, "--no-progress"]))  # fmt: skip
-        evaluate_argv = ["evaluate", "--real", export, "--real-config", "mine", "--generated", f"axf={synthetic}",
-                         "--output", work / "evaluation", "--random-backbones", "--device", device, "--no-progress",
-                         "--metrics", "ic_lpips", "localization", "classification"]  # fmt: skip
-        if args.smoke:  # the detector's cost does not depend on the generator: small in the smoke run
-            evaluate_argv += ["--resolution", 32, "--epochs", 1, "--classifier-resolution", 64,
-                              "--classifier-epochs", 1, "--unet-channels", 8, "--unet-depth", 3,
-                              "--lpips-resolution", 32]  # fmt: skip
-        stages.run("evaluate", "axf evaluate (random backbones: cost only)", lambda: cli(evaluate_argv))
-        folders = stages.run("publish", "the folders push would upload (hard links)",
-                             lambda: publish_folders(work, run_dir, export, synthetic))  # fmt: skip
-
-        unet_config = json.loads((folders["model"] / "unet" / "config.json").read_text())
-        vae_config = json.loads((folders["model"] / "vae" / "config.json").read_text())
-        generation_size = unet_config["sample_size"] * 2 ** (len(vae_config["block_out_channels"]) - 1)
-        scale_rows = scale_check(synthetic, tree, resolution, generation_size)
-        found = local_paths(folders, sorted({str(work), str(work.resolve())}))
+        measured = run_user_path(stages, work, args.smoke, scale, resolution, device)
         result = {
             "command": "python benchmarks/bench_user_path.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if device == "cuda" else ""),
             "device": device, "smoke": args.smoke, "size_scale": scale, "resolution": resolution,
-            "generation_size": generation_size, "parts": parts,
+            "generation_size": measured["generation_size"], "parts": measured["parts"],
             "image_sizes": {c: (max(16, round(w * scale)), max(16, round(h * scale)))
                             for c, (w, h, _, _) in CATEGORIES.items()},
-            "stages": stages.rows, "scale": scale_rows,
-            "scale_holds": all(abs(r["scale_ratio"] - 1) <= 0.05 for r in scale_rows),
-            "local_paths": found,
-            "evaluation": json.loads((work / "evaluation" / "report.json").read_text()),
+            "stages": stages.rows, "scale": measured["scale"], "scale_holds": measured["scale_holds"],
+            "local_paths": measured["local_paths"], "evaluation": measured["evaluation"],
         }  # fmt: skip
         text = markdown(result)
         atomic_write(output / "results.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))

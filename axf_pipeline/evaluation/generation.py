@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 import zlib
@@ -375,6 +376,26 @@ def _score_cluster(
     return row
 
 
+def _clusters_of_type(gen, cen, distances, seed_key, max_cluster_size, min_cluster_size, small_clusters):
+    """One defect type: each generated image joins its nearest real centre, then each cluster is scored
+    (cluster ``c`` samples its members with ``default_rng([*seed_key, c])``)."""
+    pairs = np.stack(np.meshgrid(np.arange(len(gen)), np.arange(len(cen)), indexing="ij"), -1).reshape(-1, 2)
+    # ties go to the lower centre index
+    nearest = distances(gen, cen, pairs).reshape(len(gen), len(cen)).argmin(axis=1)
+    return [
+        _score_cluster(
+            np.flatnonzero(nearest == c),
+            lambda pair_idx: distances(gen, gen, pair_idx),
+            np.random.default_rng([*seed_key, c]),
+            c,
+            max_cluster_size,
+            min_cluster_size,
+            small_clusters,
+        )
+        for c in range(len(cen))
+    ]
+
+
 def ic_lpips(
     generated,
     centres,
@@ -430,23 +451,13 @@ def ic_lpips(
     for dt in _tqdm(sorted(gen_groups), progress, desc="IC-LPIPS"):
         gen = _lpips_tensor(gen_groups[dt], resolution, f"generated[{dt!r}]")
         cen = _lpips_tensor(centre_groups[dt], resolution, f"centres[{dt!r}]")
-        pairs = np.stack(np.meshgrid(np.arange(len(gen)), np.arange(len(cen)), indexing="ij"), -1).reshape(
-            -1, 2
+        distances = functools.partial(
+            _pair_distances, scorer, batch_size=batch_size, device=device, block=block
         )
-        d = _pair_distances(scorer, gen, cen, pairs, batch_size, device, block).reshape(len(gen), len(cen))
-        nearest = d.argmin(axis=1)  # ties go to the lower centre index
-        rows = [
-            _score_cluster(
-                np.flatnonzero(nearest == c),
-                lambda pair_idx, g=gen: _pair_distances(scorer, g, g, pair_idx, batch_size, device, block),
-                np.random.default_rng([seed, zlib.crc32(dt.encode()), c]),
-                c,
-                max_cluster_size,
-                min_cluster_size,
-                small_clusters,
-            )
-            for c in range(len(cen))
-        ]
+        rows = _clusters_of_type(
+            gen, cen, distances, (seed, zlib.crc32(dt.encode())),
+            max_cluster_size, min_cluster_size, small_clusters,
+        )  # fmt: skip
         scores = [r["score"] for r in rows if r["score"] is not None]
         clusters[dt] = rows
         per_type[dt] = float(np.mean(scores)) if scores else None
