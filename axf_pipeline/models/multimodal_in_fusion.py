@@ -110,17 +110,17 @@ class MultiModalInFusion(ModelMixin, ConfigMixin):
             image_embeds = torch.zeros(
                 batch, self.config.image_embed_dim, device=mask.device, dtype=self.dtype
             )
-        parts = []
+        parts: dict[str, torch.Tensor] = {}  # by modality: errors name the right one in every ablation
         if self.config.use_semantic:
             if text_embeds is None:
                 raise ValueError("MultiModalInFusion(use_semantic=True) needs `text_embeds`.")
-            parts.append(self.semantic_tokens(text_embeds.to(self.dtype)))
-        parts.append(self.location_tokens(mask))
-        parts.append(self.texture_tokens(image_embeds.to(self.dtype)))
-        for name, p in zip(("semantic", "location", "texture"), parts, strict=False):
+            parts["semantic"] = self.semantic_tokens(text_embeds.to(self.dtype))
+        parts["location"] = self.location_tokens(mask)
+        parts["texture"] = self.texture_tokens(image_embeds.to(self.dtype))
+        for name, p in parts.items():
             if p.shape[0] != batch:
                 raise ValueError(f"MultiModalInFusion: {name} batch {p.shape[0]} != mask batch {batch}")
-        e_x = torch.cat(parts, dim=1)
+        e_x = torch.cat(list(parts.values()), dim=1)
         if self.config.use_aggregator:
             h = self.aggregator_norm(e_x)
             h, _ = self.aggregator_attn(h, h, h, need_weights=False)
