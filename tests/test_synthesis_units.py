@@ -62,9 +62,11 @@ def _mask(y: int, x: int, height: int = 4, width: int = 6) -> PIL.Image.Image:
 BROKEN_SIZES = [(2, 2), (6, 6), (3, 9)]  # areas 4, 36, 27: a sampled mask tells which one it transformed
 
 
-def _build(root: Path, *, fold_eval_all: bool = False) -> Path:
+def _source_dict(root: Path, *, fold_eval_all: bool = False, by_path: bool = False) -> datasets.DatasetDict:
     """bottle (object) with two defect types, grid (texture) with one, an evaluation-fold row per type; cable
-    has train normals only, wood anomalies only."""
+    has train normals only, wood anomalies only. ``by_path``: every image and mask is a PNG file under
+    ``root/files`` and the Image columns hold its path (as a dataset built from files and written to parquet
+    does), not its bytes."""
     train = {"image": [], "category": [], "is_anomaly": [], "path": []}
     files = root / "files"
     files.mkdir(parents=True, exist_ok=True)
@@ -120,14 +122,25 @@ def _build(root: Path, *, fold_eval_all: bool = False) -> Path:
          "category": datasets.Value("string"), "defect_type": datasets.Value("string"),
          "is_anomaly": datasets.Value("bool"), "fold": datasets.Value("string"), "path": datasets.Value("string")}
     )  # fmt: skip
-    dd = datasets.DatasetDict(
+    if by_path:
+        for split, rows in (("train", train), ("test", test)):
+            for column in ("image", "mask") if split == "test" else ("image",):
+                for i, image in enumerate(rows[column]):
+                    if not isinstance(image, str):
+                        image.save(files / f"{split}_{column}_{i}.png")
+                        rows[column][i] = str(files / f"{split}_{column}_{i}.png")
+    return datasets.DatasetDict(
         {
             "train": datasets.Dataset.from_dict(train, features),
             "test": datasets.Dataset.from_dict(test, test_features),
         }
     )
+
+
+def _build(root: Path, *, fold_eval_all: bool = False) -> Path:
+    """The source of ``_source_dict`` saved with ``save_to_disk`` (which embeds every image's bytes)."""
     folder = root / ("all_eval" if fold_eval_all else "source")
-    dd.save_to_disk(str(folder))
+    _source_dict(root, fold_eval_all=fold_eval_all).save_to_disk(str(folder))
     return folder
 
 
@@ -610,22 +623,33 @@ def test_texture_categories_name_a_datasets_own_textures(source):
     assert texture_categories_of(source, ["bottle"]) == {"bottle"}
     with pytest.raises(SynthesisError, match=r"--texture-categories: bottel not in .*bottle, cable, grid"):
         texture_categories_of(source, ["bottle", "bottel"])
+    with pytest.raises(
+        SynthesisError, match=r"--texture-categories: bottel, gird not in .*; it has bottle, "
+    ):
+        texture_categories_of(source, ["gird", "bottle", "bottel"])  # every unknown name, sorted
 
 
 def test_fallback_masks_are_marked_from_the_mask_on_disk(source, tmp_path):
-    """A written mask equal to its real mask (resized: here all are 24 px) is the sampler's fallback."""
+    """A written mask equal to its real mask (resized: here all are 24 px) is the sampler's fallback, however
+    the mask file stores it: 0/255 or 0/1 gray (every non-zero pixel is the defect), or three channels."""
     items = plan_items(source, [("bottle", "broken")], 4, seed=0)
     reals = source.generator_masks("bottle", "broken")
+    masks = []
     for k, item in enumerate(items):
         real = reals[item.context["mask_source"]]
         drawn = np.asarray(item.prepare().mask) > 0
         if k % 2 == 1:
             assert not np.array_equal(drawn, real)  # a transformed draw
-        mask = real if k % 2 == 0 else drawn  # even items: as if every draw had been rejected
+        masks.append(real if k % 2 == 0 else drawn)  # even items: as if every draw had been rejected
         (tmp_path / item.mask_path).parent.mkdir(parents=True, exist_ok=True)
-        PIL.Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(tmp_path / item.mask_path)
-    assert mark_fallbacks(tmp_path, items) == 2
-    assert [i.record["mask_fallback"] for i in items] == [True, False, True, False]
+    for on, mode in ((255, "L"), (1, "L"), (255, "RGB")):
+        for item, mask in zip(items, masks, strict=True):
+            PIL.Image.fromarray(np.where(mask, on, 0).astype(np.uint8)).convert(mode).save(
+                tmp_path / item.mask_path
+            )
+            item.record.pop("mask_fallback", None)
+        assert mark_fallbacks(tmp_path, items) == 2, (on, mode)
+        assert [i.record["mask_fallback"] for i in items] == [True, False, True, False], (on, mode)
 
 
 def test_prepared_mask_transforms_the_recorded_real_mask(source):
@@ -652,6 +676,61 @@ def test_source_reads_gray_images_and_odd_masks_as_rgb_and_boolean(source, sourc
     assert np.array_equal(np.asarray(source.normal(11)), np.asarray(_normal(11)))
     (wood,) = source.generator_masks("wood", "hole")
     assert wood.shape == (SIDE, SIDE) and wood.sum() == 24  # a three-channel mask read as one
+
+
+@pytest.fixture(scope="module")
+def hub_dir(tmp_path_factory, source_dir) -> Path:
+    """A Hub-style folder (parquet files named in the card's ``configs``) as a custom dataset is laid out:
+    config ``ad`` is the test source with its images stored by path (built from PNG files, written with
+    ``Dataset.to_parquet``, which keeps paths), config ``loco`` its bottle rows only, bytes embedded."""
+    root = tmp_path_factory.mktemp("hub")
+    configs = {
+        "ad": _source_dict(root, by_path=True),
+        "loco": datasets.load_from_disk(str(source_dir)).filter(lambda r: r["category"] == "bottle"),
+    }
+    card = ["---", "configs:"]
+    for name, splits in configs.items():
+        (root / name).mkdir()
+        card.append(f"- config_name: {name}\n  data_files:")
+        for split, ds in splits.items():
+            if split == "train":  # a config's splits share one schema: normals get the anomaly columns, empty
+                n, test = len(ds), splits["test"]
+                for column, value in (("mask", None), ("caption", ""), ("defect_type", "good"), ("fold", "")):
+                    ds = ds.add_column(column, [value] * n)
+                ds = ds.select_columns(test.column_names).cast(test.features)
+            ds.to_parquet(str(root / name / f"{split}.parquet"))
+            card.append(f"  - split: {split}\n    path: {name}/{split}.parquet")
+    (root / "README.md").write_text("\n".join([*card, "---", ""]))
+    return root
+
+
+def test_a_source_with_images_stored_by_path_reads_the_same_pixels(source, hub_dir, tmp_path, monkeypatch):
+    """Every normal (its pixels, header size and file bytes), anomaly and generator mask of a source whose
+    Image columns hold paths reads as from the same source with the bytes embedded."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    by_path = SourceData(str(hub_dir), "ad")
+    assert by_path.splits["train"][0]["image"]["bytes"] is None  # the path branch is what is read
+    assert by_path.categories == source.categories and by_path.rows["test"] == source.rows["test"]
+    for i in range(len(source.rows["train"])):
+        assert by_path.normal_size(i) == source.normal_size(i) == (SIDE, SIDE)
+        assert np.array_equal(np.asarray(by_path.normal(i)), np.asarray(source.normal(i)))
+        stored = by_path.splits["train"][i]["image"]["path"]
+        assert by_path.normal_bytes(i) == Path(stored).read_bytes()  # the file itself, byte for byte
+    for index in sorted(i for rows in source.generator.values() for i in rows):
+        for got, want in zip(by_path.anomaly(index), source.anomaly(index), strict=True):
+            assert got.mode == want.mode and np.array_equal(np.asarray(got), np.asarray(want))
+    for key in source.generator:
+        assert all(np.array_equal(a, b) for a, b in
+                   zip(by_path.generator_masks(*key), source.generator_masks(*key), strict=True))  # fmt: skip
+
+
+def test_a_hub_style_folder_is_read_in_the_config_asked_for(hub_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    loco = SourceData(str(hub_dir), "loco")
+    assert loco.name == f"{hub_dir} (loco)" and loco.categories == ["bottle"]
+    assert SourceData(str(hub_dir), "ad").categories == ["bottle", "cable", "grid", "wood"]
+    with pytest.raises(SynthesisError, match=rf"--dataset {hub_dir} \(config 'lcoo'\) cannot be loaded"):
+        SourceData(str(hub_dir), "lcoo")
 
 
 def test_a_hub_reference_is_fingerprinted_by_the_commit_it_resolves_to(monkeypatch):
