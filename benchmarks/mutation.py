@@ -8,6 +8,7 @@ only the tests that call the mutated function. Survivors listed in ``benchmarks/
 
     python benchmarks/mutation.py                       # every module, 100-minute budget
     python benchmarks/mutation.py --budget 20 axf_pipeline/training/loss.py
+    python benchmarks/mutation.py --table REPORT... [--before REPORT...]   # the docs' score table
 
 Writes ``benchmarks/results/mutation/<date>.md`` (score per module, survivors with their diffs) and
 ``<date>.json`` (raw counts and every survivor). Runs under ``nice -n 19`` with one worker and one thread:
@@ -249,6 +250,36 @@ def rescore(date: str) -> int:
     return 0
 
 
+def score_table(names: list[str], before: list[str]) -> str:
+    """One row per module of the reports ``names`` (a later report wins for a module), in pyproject order,
+    with the score of the reports ``before`` beside it: the docs' table, made from committed raw output."""
+
+    def by_module(reports: list[str]) -> dict[str, tuple[str, dict]]:
+        found = {}
+        for name in reports:
+            path = RESULTS / f"{name}.json"
+            if not path.is_file():
+                raise SystemExit(f"mutation.py: error: no report {path.relative_to(ROOT)}")
+            for r in json.loads(path.read_text())["modules"]:
+                found[r["module"]] = (name, r)
+        return found
+
+    after, earlier = by_module(names), by_module(before)
+    pct = lambda r: "—" if r["score"] is None else f"{r['score']:.1f} %"  # noqa: E731
+    rows = [
+        "| module | report | mutants | killed | survived | no tests | equivalent | score | complete | before |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for module in [m for m in modules_from_pyproject() if m in after]:
+        name, r = after[module]
+        was = f"{pct(earlier[module][1])} ({earlier[module][0]})" if module in earlier else "—"
+        rows.append(
+            f"| `{module}` | `{name}` | {r['mutants']} | {r['killed']} | {r['survived']} | {r['no_tests']} | "
+            f"{r['equivalent']} | {pct(r)} | {'yes' if r['finished'] else 'no'} | {was} |"
+        )
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="*", help="module files to run (default: all in pyproject.toml)")
@@ -257,7 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the scratch copies (to inspect mutants)")
     parser.add_argument("--rescore", action="store_true",
                         help="run nothing: re-judge the report of --date against the equivalents file")  # fmt: skip
+    parser.add_argument("--table", nargs="+", metavar="REPORT",
+                        help="run nothing: print the score table of these reports (names under benchmarks/results/mutation)")  # fmt: skip
+    parser.add_argument("--before", nargs="*", default=[], metavar="REPORT",
+                        help="with --table: reports whose scores fill the 'before' column")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.table:
+        print(score_table(args.table, args.before))
+        return 0
     if args.rescore:
         return rescore(args.date)
     configured = modules_from_pyproject()

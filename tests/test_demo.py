@@ -236,3 +236,35 @@ def test_vae_pretraining_makes_halfway_codes_decode_to_halfway_images():
         return (mixed - 0.5 * (x + x.roll(1, 0))).abs()[defect].mean().item()
 
     assert halfway_error(1.0) < 0.95 * halfway_error(0.0)  # 0.173 vs 0.193 when written
+
+
+def test_the_demo_base_sees_normals_and_the_generator_fold_only_with_each_defect_captioned(tmp_path):
+    """The base's VAE and CLIP towers stand in for a pretrained model: they may see normal images and the few
+    real defects the generator trains on, never the evaluation fold that the figures are measured on."""
+    from axf_pipeline.demo.run import base_training_set
+    from axf_pipeline.demo.toy_data import CATEGORY, make_toy_tree
+
+    toy = make_toy_tree(tmp_path / "toy", size=32, anomalies_per_type=6, held_out_normals=2, seed=0)
+    data = base_training_set(toy)
+    tree = toy.root / CATEGORY
+    normals = [
+        np.asarray(Image.open(p).convert("RGB")) for p in sorted((tree / "train" / "good").glob("*.png"))
+    ]
+    types = sorted(p.name for p in (tree / "ground_truth").iterdir())
+    assert len(data["images"]) == len(normals) + 2 * len(types)  # the first 6 // 3 of each type
+    assert all(np.array_equal(a, b) for a, b in zip(data["images"][: len(normals)], normals, strict=True))
+    assert all(not m.any() for m in data["masks"][: len(normals)])
+    for k, name in enumerate(types):
+        for i in range(2):
+            j = 2 * k + i
+            image = np.asarray(Image.open(tree / "test" / name / f"{i:03d}.png").convert("RGB"))
+            mask = np.asarray(Image.open(tree / "ground_truth" / name / f"{i:03d}_mask.png"))
+            assert np.array_equal(data["defect_images"][j], image) and np.array_equal(
+                data["defect_masks"][j], mask
+            )
+            assert data["truth"][j] == tuple(
+                name.split("_")[:2]
+            )  # "<colour>_<shape>" folder: its caption's words
+    defects = data["images"][len(normals) :]
+    assert len(defects) == len(data["defect_images"])
+    assert all(np.array_equal(a, b) for a, b in zip(defects, data["defect_images"], strict=True))

@@ -16,6 +16,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
+def masked_pixels(feature_extractor, images: list[np.ndarray], masks: list[np.ndarray]) -> torch.Tensor:
+    """The image tower's input for each defect: ``image ⊙ mask`` (eq. 3), through the feature extractor."""
+    masked = [
+        img.astype(np.float32) / 255 * (m[..., None] > 127) for img, m in zip(images, masks, strict=True)
+    ]
+    return feature_extractor(images=masked, return_tensors="pt", do_rescale=False).pixel_values
+
+
 def pretrain_clip(
     text_encoder,
     tokenizer,
@@ -41,10 +49,7 @@ def pretrain_clip(
     """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    masked = [
-        img.astype(np.float32) / 255 * (m[..., None] > 127) for img, m in zip(images, masks, strict=True)
-    ]
-    pixels = feature_extractor(images=masked, return_tensors="pt", do_rescale=False).pixel_values
+    pixels = masked_pixels(feature_extractor, images, masks)
     distinct = sorted(set(captions))
     labels = torch.tensor([distinct.index(c) for c in captions])
     ids = tokenizer(distinct, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,

@@ -86,21 +86,13 @@ def build_dataset(work: Path, size: int, per_type: int, held_out: int, seed: int
 
 
 # ---- 3: model ---------------------------------------------------------------------------------------
-def tiny_base(
-    work: Path, toy, size: int, vae_steps: int, seed: int, clip_steps: int = 300
-) -> tuple[Path, Path]:
-    """A from-scratch Stable-Diffusion-layout checkpoint whose VAE has learnt to reconstruct the toy set and
-    whose CLIP towers have learnt, contrastively, to tell its captions and defects apart."""
+def base_training_set(toy) -> dict:
+    """What a base model would have seen: the normal training images and the generator fold's defects,
+    never the evaluation fold. ``images``/``masks`` train the VAE; ``defect_*`` and ``truth`` (colour,
+    shape) train the CLIP towers and measure the VAE's round trip."""
     import json
 
-    from ..tiny import build_tiny_components, save_tiny_base
-    from .clip import pretrain_clip
-    from .vae import pretrain_vae_to_ceiling, reconstruction_accuracy
-
-    components = build_tiny_components(sample_size=size, words=vocabulary(), seed=seed)
-    # what a base model would have seen: normal training images and the generator fold, never the
-    # evaluation fold (the toy tree's captions are per defect type, n images each)
-    captions_of = json.loads(toy.captions_path.read_text())[CATEGORY]
+    captions_of = json.loads(toy.captions_path.read_text())[CATEGORY]  # per defect type, n images each
     images, masks, defects = [], [], []
     for path in sorted((toy.root / CATEGORY / "train" / "good").glob("*.png")):
         images.append(np.asarray(Image.open(path).convert("RGB")))
@@ -115,8 +107,29 @@ def tiny_base(
             defects.append((images[-1], masks[-1], captions_of[folder.name][i]))
     defect_images, defect_masks, defect_captions = (list(x) for x in zip(*defects, strict=True))
     truth = [tuple(c.split()[1:3]) for c in defect_captions]  # "a <colour> <shape> <noun>"
+    return {"images": images, "masks": masks, "defect_images": defect_images, "defect_masks": defect_masks,
+            "defect_captions": defect_captions, "truth": truth}  # fmt: skip
+
+
+def tiny_base(
+    work: Path, toy, size: int, vae_steps: int, seed: int, clip_steps: int = 300
+) -> tuple[Path, Path]:
+    """A from-scratch Stable-Diffusion-layout checkpoint whose VAE has learnt to reconstruct the toy set and
+    whose CLIP towers have learnt, contrastively, to tell its captions and defects apart."""
+    from ..tiny import build_tiny_components, save_tiny_base
+    from .clip import pretrain_clip
+    from .vae import pretrain_vae_to_ceiling, reconstruction_accuracy
+
+    components = build_tiny_components(sample_size=size, words=vocabulary(), seed=seed)
+    data = base_training_set(toy)
+    images, masks = data["images"], data["masks"]
+    defect_images, defect_masks, defect_captions = (
+        data["defect_images"],
+        data["defect_masks"],
+        data["defect_captions"],
+    )
     losses, ceiling = pretrain_vae_to_ceiling(
-        components["vae"], images, masks, lambda vae: reconstruction_accuracy(vae, defect_images, defect_masks, truth),
+        components["vae"], images, masks, lambda vae: reconstruction_accuracy(vae, defect_images, defect_masks, data["truth"]),
         steps=vae_steps, seed=seed, min_ceiling=VAE_MIN_CEILING, log=log,
     )  # fmt: skip
     log(
