@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+
+from .pretraining import CosineAdamW
 
 
 def masked_pixels(feature_extractor, images: list[np.ndarray], masks: list[np.ndarray]) -> torch.Tensor:
@@ -59,11 +60,8 @@ def pretrain_clip(
     params = [*text_encoder.parameters(), *image_encoder.parameters(), *text_projection.parameters()]
     text_encoder.train().requires_grad_(True)
     image_encoder.train().requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    losses = []
-    bar = tqdm(range(steps), desc="CLIP pre-training")
-    for _ in bar:
+    loop = CosineAdamW(params, steps, lr, "CLIP pre-training")
+    for _ in loop:
         idx = torch.randint(0, len(pixels), (batch_size,), generator=gen)
         x = pixels[idx]
         if torch.rand((), generator=gen) < 0.5:
@@ -77,12 +75,7 @@ def pretrain_clip(
             F.cross_entropy(logits, target.argmax(1))
             + (-(target.T * F.log_softmax(logits.T, dim=1)).sum(1) / target.T.sum(1)).mean()
         )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        loop.step(loss)
     text_encoder.eval().requires_grad_(False)
     image_encoder.eval().requires_grad_(False)
-    return losses
+    return loop.losses

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from .pretraining import CosineAdamW
 
 
 def pretrain_vae(
@@ -43,11 +44,8 @@ def pretrain_vae(
     if masks is not None:
         weights = weights + defect_weight * (torch.from_numpy(np.stack(masks))[:, None] > 127).float()
     vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    losses = []
-    bar = tqdm(range(steps), desc="VAE pre-training")
-    for _ in bar:
+    loop = CosineAdamW(vae.parameters(), steps, lr, "VAE pre-training")
+    for _ in loop:
         idx = torch.randint(0, len(data), (batch_size,), generator=gen)
         x, w = data[idx], weights[idx]
         if torch.rand((), generator=gen) < 0.5:
@@ -62,19 +60,14 @@ def pretrain_vae(
             wm = torch.maximum(w, w[perm])
             target = x + a * (x[perm] - x)
             loss = loss + interpolation_weight * (wm * (mixed - target).abs()).mean() / wm.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        loop.step(loss)
     vae.eval()
     vae.requires_grad_(False)
     _fix_posterior_variance(vae)
     with torch.no_grad():
         latents = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in data.split(64)])
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-    return losses
+    return loop.losses
 
 
 def pretrain_vae_to_ceiling(
