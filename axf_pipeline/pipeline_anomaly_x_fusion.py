@@ -859,9 +859,10 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
 
         # 3. Timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength, device)
-        if num_inference_steps < 1:
+        timesteps, steps_left = self.get_timesteps(num_inference_steps, strength, device)
+        if steps_left < 1:
             raise ValueError(f"strength={strength} leaves no denoising step out of {num_inference_steps}")
+        num_inference_steps = steps_left
         is_strength_max = strength == 1.0
 
         # 4. Image and mask at generation size (a crop around the mask with padding_mask_crop)
