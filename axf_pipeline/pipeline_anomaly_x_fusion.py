@@ -106,6 +106,26 @@ def combine_guidance(
     return uncond + reference_scale * (reference - uncond) + text_scale * (full - reference)
 
 
+def blend_known(latents, image_latents, noise, mask, scheduler, timesteps, i: int) -> torch.Tensor:
+    """Eq. 16: outside the mask, the original latents noised to the next timestep (clean after the last
+    step); inside, what the model denoised. Every step keeps the background on the original's trajectory."""
+    known = image_latents
+    if i < len(timesteps) - 1:
+        known = scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
+    return (1 - mask) * known + mask * latents
+
+
+def paste_inside_mask(image: torch.Tensor, mask: torch.Tensor, decoded: torch.Tensor, region) -> torch.Tensor:
+    """The input image with the decoded window, resized to ``region`` (x1, y1, x2, y2), pasted where the mask
+    is non-zero: every pixel outside the mask is the input's own, exactly."""
+    x1, y1, x2, y2 = region
+    result = image.clone()
+    window = result[:, y1:y2, x1:x2]
+    generated = AnomalyXFusionPipeline._resize(decoded, (y2 - y1, x2 - x1))[0]
+    result[:, y1:y2, x1:x2] = torch.where(mask[:, y1:y2, x1:x2] > 0, generated, window)
+    return result
+
+
 def _vae_latents(encoder_output) -> torch.Tensor:
     # The known image is encoded to its posterior mean: deterministic, no generator draw.
     if hasattr(encoder_output, "latent_dist"):
@@ -978,11 +998,7 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
                 ]
 
                 if num_channels_unet == 4:
-                    # eq. 16: outside the mask, the original noised to the next timestep (clean at the end)
-                    known = image_latents
-                    if i < len(timesteps) - 1:
-                        known = self.scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
-                    latents = (1 - mask) * known + mask * latents
+                    latents = blend_known(latents, image_latents, noise, mask, self.scheduler, timesteps, i)
 
                 if callback_on_step_end is not None:
                     available = {
@@ -1023,13 +1039,7 @@ class AnomalyXFusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiff
         out_images, out_masks = [], []
         for j in range(total):
             b = j // num_images_per_prompt
-            x1, y1, x2, y2 = regions[b]
-            result = images[b].clone()
-            region = result[:, y1:y2, x1:x2]
-            generated = self._resize(decoded[j : j + 1], (y2 - y1, x2 - x1))[0]
-            inside = masks[b][:, y1:y2, x1:x2] > 0
-            result[:, y1:y2, x1:x2] = torch.where(inside, generated, region)
-            out_images.append(result)
+            out_images.append(paste_inside_mask(images[b], masks[b], decoded[j : j + 1], regions[b]))
             out_masks.append(masks[b])
         self.maybe_free_model_hooks()
         out_images = self._to_output(out_images, output_type, mask=False)
