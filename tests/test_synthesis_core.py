@@ -347,6 +347,19 @@ def test_a_marker_without_settings_is_refused_naming_a_setting(tmp_path):
     )
 
 
+@pytest.mark.parametrize("marker", [[], "x", {"command": "axf generate", "settings": None}])
+def test_a_marker_that_is_not_ours_is_refused_in_one_line(tmp_path, marker):
+    """Valid JSON of another shape (a list, a string, null settings) is refused, not a traceback."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / MARKER).write_text(json.dumps(marker))
+    with pytest.raises(SynthesisError) as err:
+        check_output(out, "axf generate", {"seed": 0}, [])
+    assert (
+        str(err.value) == f"Refusing to write into {out}: {out / MARKER} is not a marker this command wrote"
+    )
+
+
 def test_check_content_refuses_changed_weights_or_data_before_loading_anything(tmp_path):
     out = tmp_path / "out"
     check_content(out, {"--model": A})  # nothing made yet

@@ -228,6 +228,8 @@ def check_output(output: Path, command: str, settings: dict, expected: Iterable[
         recorded = json.loads(marker.read_text())
     except (OSError, ValueError) as err:
         raise SynthesisError(f"Refusing to write into {output}: {marker} is unreadable ({err})") from None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("settings", {}), dict):
+        raise SynthesisError(f"Refusing to write into {output}: {marker} is not a marker this command wrote")
     if recorded.get("command") != command:
         raise SynthesisError(
             f"Refusing to write into {output}: it was written by `{recorded.get('command')}`, not `{command}`"
