@@ -2,8 +2,8 @@
 
 The pipeline freezes its text and image towers (paper §4.2); a real Stable Diffusion user has CLIP's,
 which separate "red" from "blue" and a red spot from a blue scratch. Randomly initialised 32-wide towers
-do not: their pooled outputs barely depend on the input (pairwise cosine of different captions 0.5–0.93
-by seed, measured), so whether the demo's generator could read the caption or the reference at all was
+do not: their pooled outputs barely depend on the input (mean pairwise cosine of different captions 0.49–0.93
+by seed; ``benchmarks/bench_demo_base.py``), so whether the demo's generator could read the caption or the reference at all was
 left to the seed. Like the VAE, the towers are therefore pre-trained here, with CLIP's objective, on the
 data a base model would have seen: the captions and masked defects of the generator fold.
 """

@@ -467,7 +467,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--held_out_normals", type=int, default=16, help="Normal images that receive every caption."
     )
     p.add_argument("--vae_steps", type=int, default=400,
-                   help="VAE pre-training steps (from scratch); 200 left red reconstructed as yellow at seed 1.")  # fmt: skip
+                   help="VAE pre-training steps (from scratch); 200 lost every red defect at seed 1.")  # fmt: skip
     p.add_argument("--clip_steps", type=int, default=300,
                    help="Contrastive pre-training steps of the tiny CLIP text and image towers (0: random towers).")  # fmt: skip
     p.add_argument("--train_steps", type=int, default=2000, help="AnomalyXFusion training steps.")

@@ -86,8 +86,8 @@ def pretrain_vae_to_ceiling(
     (the share of defects that survive the round trip) is below ``min_ceiling``; returns (losses, ceiling).
 
     A real base's VAE (Stable Diffusion's) reconstructs every colour; one trained from scratch for a fixed
-    number of steps did not at every seed (seed 3 of the demo lost its red and green scratches, which
-    capped text controllability at 0.75 whatever the generator learned)."""
+    number of steps did not at every seed (400 plain steps lost half of seed 3's red defects; a lost
+    colour caps text controllability whatever the generator learns; ``benchmarks/bench_demo_base.py``)."""
     losses = pretrain_vae(vae, images, masks, steps=steps, seed=seed)
     ceiling = ceiling_of(vae)
     for extra in range(1, extra_rounds + 1):
@@ -125,7 +125,7 @@ def reconstruction_accuracy(
     vae, images: list[np.ndarray], masks: list[np.ndarray], truth: list[tuple[str, str]]
 ) -> float:
     """Share of defects whose colour and shape the demo's pixel reader still finds after a VAE round trip:
-    the ceiling of every controllability figure (a VAE that turns red into yellow caps colour at 3/4)."""
+    the ceiling of every controllability figure (a VAE that loses every red defect caps it at 3/4)."""
     from .measure import read_defect
 
     vae.eval()
