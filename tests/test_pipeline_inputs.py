@@ -13,7 +13,12 @@ import pytest
 import torch
 
 from axf_pipeline import AnomalyXFusionPipeline
-from axf_pipeline.pipeline_anomaly_x_fusion import _vae_latents, combine_guidance, guidance_branches
+from axf_pipeline.pipeline_anomaly_x_fusion import (
+    _vae_latents,
+    blend_known,
+    combine_guidance,
+    guidance_branches,
+)
 from axf_pipeline.tiny import build_tiny_components
 
 CPU = torch.device("cpu")
@@ -495,3 +500,26 @@ def test_a_prediction_that_does_not_split_into_the_branches_is_refused():
         combine_guidance(torch.zeros(1, 4, 2, 2), ("uncond", "full"), 3.0, 3.0, 3.0)
     with pytest.raises(ValueError):
         combine_guidance(torch.zeros(2, 4, 2, 2), ("uncond", "reference", "full"), 3.0, 2.0, 3.0)
+
+
+def test_each_step_keeps_the_models_latents_inside_the_mask_and_the_noised_original_outside(pipe):
+    """Eq. 16, one step: inside the mask exactly what the scheduler stepped to; outside, the original noised to
+    the next timestep, and the clean original after the last step."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(4)
+    timesteps = scheduler.timesteps
+    g = torch.Generator().manual_seed(0)
+    latents, original, noise = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:5, 3:7] = 1
+    inside = mask.expand_as(latents).bool()
+    for i in range(len(timesteps)):
+        out = blend_known(latents, original, noise, mask, scheduler, timesteps, i)
+        last = i == len(timesteps) - 1
+        known = original if last else scheduler.add_noise(original, noise, timesteps[i + 1 : i + 2])
+        assert torch.equal(out[inside], latents[inside])
+        assert torch.allclose(out[~inside], known[~inside])
+        if not last:
+            assert not torch.allclose(out[~inside], original[~inside])  # noised, not clean, before the end
